@@ -1,0 +1,41 @@
+"""Grouped-query self-attention: q/k/v projections, rotary embeddings, a backend, the output projection."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.model import params
+from dsjax.model.attention_ops import dot_product_attention
+from dsjax.model.config import ModelConfig
+from dsjax.model.rope import apply_rope
+from dsjax.sharding import constrain
+
+
+class Attention(nnx.Module):
+    """Projections are stored per head, (embed, heads, head_dim), so sharding can split heads by name.
+
+    DeepSeek 7B has 32 kv heads (plain multi-head); 67B has 8 kv heads for 64 query heads (groups of 8).
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layers: int | None = None):
+        lead, lead_axes = ((layers,), ("layers",)) if layers is not None else ((), ())
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        make = lambda shape, axes: params.normal(rngs, lead + shape, lead_axes + axes, cfg.init_std, cfg.weight_dtype)
+        self.q_proj = make((d, h, hd), ("embed", "heads", "head_dim"))
+        self.k_proj = make((d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.v_proj = make((d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.o_proj = make((h, hd, d), ("heads", "head_dim", "embed"))
+        self.backend = cfg.attention
+
+    def __call__(self, x, cos, sin, segment_ids=None) -> jax.Array:
+        dtype = x.dtype
+        q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dtype))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+        out = dot_product_attention(q, k, v, segment_ids, backend=self.backend, causal=True)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype))

@@ -1,0 +1,83 @@
+"""Scaled dot-product attention backends behind `model.attention`.
+
+All take q of shape (batch, seq, heads, head_dim) and k, v of shape (batch, seq, kv_heads, head_dim) with
+heads a multiple of kv_heads (grouped-query attention), and return (batch, seq, heads, head_dim).
+`segment_ids` (batch, seq) marks packed documents: a token attends only to earlier tokens of its own segment.
+
+- `xla`: the reference. Einsum softmax attention; K/V are never repeated per query group: queries are reshaped
+  to (kv_heads, group) and contracted against the shared K/V head.
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
+- `pallas`: our flash-attention kernels (`dsjax.kernels`).
+- `auto`: the fastest path the platform offers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dsjax.model.config import ConfigError
+
+
+def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal: bool) -> jax.Array | None:
+    """Boolean (batch or 1, seq_q, seq_k) mask: True where a query may attend to a key.
+
+    Causality is by index (queries are the last seq_q of the seq_k keys); packed documents are contiguous, so
+    index order is document order.
+    """
+    mask = None
+    if causal:
+        q_idx = jnp.arange(seq_q)[:, None] + (seq_k - seq_q)
+        mask = (q_idx >= jnp.arange(seq_k)[None, :])[None]
+    if segment_ids is not None:
+        same = segment_ids[:, -seq_q:, None] == segment_ids[:, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def xla_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Array:
+    batch, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, seq_q, kv_heads, group, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    mask = attention_mask(seq_q, seq_k, segment_ids, causal)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, seq_q, heads, head_dim).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Array:
+    if jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"model.attention='cudnn' needs an NVIDIA GPU with cuDNN, but this platform is "
+            f"'{jax.default_backend()}'; use 'xla' or 'auto'."
+        )
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+
+
+def pallas_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Array:
+    raise ConfigError(
+        "model.attention='pallas' is not available yet (the flash-attention kernels land with the kernels "
+        "issue); use 'xla', 'cudnn' or 'auto'."
+    )
+
+
+def resolve_backend(name: str) -> str:
+    """Maps `auto` to a concrete backend for the current platform."""
+    if name != "auto":
+        return name
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": pallas_attention}
+
+
+def dot_product_attention(q, k, v, segment_ids=None, *, backend: str = "xla", causal: bool = True):
+    return BACKENDS[resolve_backend(backend)](q, k, v, segment_ids, causal=causal)

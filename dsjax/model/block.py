@@ -1,0 +1,30 @@
+"""One pre-norm decoder layer: x + attn(norm(x)), then h + mlp(norm(h)).
+
+`Block(cfg, rngs, layers=n)` creates the weights of n layers stacked on a leading `layers` axis; the transformer
+scans over that axis, handing `__call__` one layer's slice at a time. Compile time is then flat in depth.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from dsjax.model.attention import Attention
+from dsjax.model.config import ModelConfig
+from dsjax.model.mlp import MLP
+from dsjax.model.norm import RMSNorm
+from dsjax.sharding import constrain
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layers: int | None = None):
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, layers)
+        self.attn = Attention(cfg, rngs, layers)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, layers)
+        self.mlp = MLP(cfg, rngs, layers)
+
+    def __call__(self, x: jax.Array, cos, sin, segment_ids=None) -> jax.Array:
+        h = x + self.attn(self.input_norm(x), cos, sin, segment_ids)
+        h = constrain(h, ("batch", "seq", "act_embed"))
+        out = h + self.mlp(self.post_attn_norm(h))
+        return constrain(out, ("batch", "seq", "act_embed"))

@@ -1,0 +1,89 @@
+"""The DeepSeek LLM decoder: embed -> scan over stacked pre-norm blocks -> final RMSNorm -> untied output head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsjax.model import params
+from dsjax.model.block import Block
+from dsjax.model.config import ModelConfig
+from dsjax.model.norm import RMSNorm
+from dsjax.model.rope import rope_angles
+from dsjax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the outputs of the projection matmuls; recompute the cheap elementwise work and attention scores.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    """`model(tokens, positions=None, segment_ids=None)` -> float32 logits (batch, seq, vocab).
+
+    `positions` restart at 0 in each packed document and drive the rotary angles; `segment_ids` keep attention
+    inside a document. Both default to a single unpacked sequence per row.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype = cfg.weight_dtype
+        self.embed = params.normal(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype)
+        self.layers = Block(cfg, rngs, layers=cfg.n_layers)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
+        self.lm_head = params.normal(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dtype)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """Final-normed hidden states (batch, seq, d_model) in the compute dtype, before the output head."""
+        cfg = self.config
+        tokens, positions = _check_inputs(tokens, positions, segment_ids)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(h, layer_params):
+            return nnx.merge(graphdef, layer_params)(h, cos, sin, segment_ids), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(layer, x, stacked)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Output head with float32 accumulation and result, whatever the compute dtype."""
+        head = self.lm_head[...].astype(hidden.dtype)
+        out = jnp.einsum("bsd,dv->bsv", hidden, head, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "seq", "act_vocab"))
+
+    def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+
+def _check_inputs(tokens, positions, segment_ids):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be an integer array of shape (batch, seq), got {tokens.dtype}{tokens.shape}.")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+        if value is not None and tuple(value.shape) != tuple(tokens.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)} but tokens have shape {tuple(tokens.shape)}.")
+    return tokens, positions
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, nothing allocated."""
+    return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+
+
+def param_count(model: Transformer) -> int:
+    """Number of parameters (works on abstract models)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
