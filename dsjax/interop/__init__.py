@@ -1,0 +1,2 @@
+"""Import and export of model weights in other ecosystems' formats (Hugging Face)."""
+

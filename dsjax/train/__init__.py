@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, train state, steps, the loop, checkpoints, metrics."""
