@@ -14,6 +14,7 @@ from pathlib import Path
 from ml_collections import config_dict
 
 from dsjax.model.config import ConfigError, ModelConfig
+from dsjax.sharding import DEFAULT_RULES, MESH_AXES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -23,7 +24,29 @@ def _model_defaults() -> config_dict.ConfigDict:
 
 
 def _data_defaults() -> config_dict.ConfigDict:
-    return config_dict.ConfigDict({})
+    # Read by dsjax/data/pipeline.py (make_loader) and dsjax/data/corpus.py (the built-in corpus).
+    return config_dict.ConfigDict(
+        {
+            # "builtin" (this Python's standard library sources, prepared on first use, no download) or
+            # comma-separated directories made by `python -m dsjax.data.prepare`.
+            "datasets": "builtin",
+            # Comma-separated shares of training tokens, one per dataset; None: each in proportion to its size.
+            "weights": config_dict.placeholder(str),
+            # Tokenizer file (.model or tokenizer.json). For "builtin": used instead of training one; otherwise the
+            # datasets must have been prepared with it. None: the tokenizer the datasets carry.
+            "tokenizer": config_dict.placeholder(str),
+            # Size of the BPE tokenizer trained for "builtin" (special and byte tokens included; pads to 4096).
+            "builtin_vocab_size": 4000,
+            # Share of the built-in corpus held out for validation (bits-per-byte).
+            "builtin_val_fraction": 0.05,
+            # Where "builtin" is prepared; None: $DSJAX_CACHE, else ~/.cache/dsjax.
+            "cache_dir": config_dict.placeholder(str),
+            # Shuffle seed; None: the top-level seed.
+            "seed": config_dict.placeholder(int),
+            # Threads that read and decode documents.
+            "num_threads": 2,
+        }
+    )
 
 
 def _optim_defaults() -> config_dict.ConfigDict:
@@ -39,6 +62,12 @@ def _optim_defaults() -> config_dict.ConfigDict:
             # multistep (the paper's), cosine, or wsd (warmup-stable-decay).
             "schedule": "multistep",
             "warmup_steps": 2000,
+            # multistep: after these fractions of the run, the lr drops to these fractions of the peak.
+            "multistep_boundaries": (0.8, 0.9),
+            "multistep_factors": (0.316, 0.1),
+            # cosine and wsd: the final lr as a fraction of the peak; wsd: the share of steps spent decaying.
+            "min_lr_ratio": 0.1,
+            "decay_fraction": 0.2,
         }
     )
 
@@ -50,26 +79,43 @@ def _train_defaults() -> config_dict.ConfigDict:
             # Sequences per optimizer step across all devices; None takes it from the scaling law B_opt.
             "global_batch_size": config_dict.placeholder(int),
             "seq_len": 4096,
+            # Micro-batches per optimizer step (gradients summed in float32).
             "grad_accum_steps": 1,
+            # A dsjax checkpoint (e.g. from `dsjax.convert import-hf`) whose parameters start a new run.
+            "init_from": config_dict.placeholder(str),
         }
     )
 
 
 def _checkpoint_defaults() -> config_dict.ConfigDict:
-    return config_dict.ConfigDict({"every_steps": 1000, "every_minutes": 5.0, "keep": 3})
+    # Save every N steps and every M minutes of wall clock (the paper: every 5 minutes); keep the newest `keep`.
+    return config_dict.ConfigDict({"every_steps": 1000, "every_minutes": 5.0, "keep": 3, "async_save": True})
 
 
 def _mesh_defaults() -> config_dict.ConfigDict:
-    # Mesh shape over (data, fsdp, tensor); -1 takes the devices left over.
-    return config_dict.ConfigDict({"shape": (-1, 1, 1), "axes": ("data", "fsdp", "tensor")})
+    # Mesh shape over (data, fsdp, tensor); -1 takes the devices left over. `rules` map logical axis names to mesh
+    # axes (see dsjax/sharding.py); zero1 splits the optimizer state over `data` as well.
+    return config_dict.ConfigDict({"shape": (-1, 1, 1), "axes": MESH_AXES, "rules": DEFAULT_RULES, "zero1": True})
 
 
 def _eval_defaults() -> config_dict.ConfigDict:
-    return config_dict.ConfigDict({"every_steps": 500, "steps": 10})
+    # Evaluate every N steps on up to `steps` batches of the held-out split (0: the whole split).
+    return config_dict.ConfigDict({"every_steps": 500, "steps": 10, "batch_size": config_dict.placeholder(int)})
 
 
 def _log_defaults() -> config_dict.ConfigDict:
-    return config_dict.ConfigDict({"every_steps": 10, "tensorboard": True})
+    # peak_flops_per_device: for MFU; None looks the device up in dsjax.train.metrics.PEAK_FLOPS.
+    # samples: prompts completed greedily at the end of training (max_new_tokens each).
+    return config_dict.ConfigDict(
+        {
+            "every_steps": 10,
+            "tensorboard": True,
+            "progress_bar": True,
+            "peak_flops_per_device": config_dict.placeholder(float),
+            "samples": ("def ", "import ", "class "),
+            "sample_tokens": 48,
+        }
+    )
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -117,6 +163,39 @@ def load_config(name_or_path: str) -> config_dict.ConfigDict:
 def validate(config: config_dict.ConfigDict) -> None:
     """Raises ConfigError naming the first bad field. Sections grow their checks as their issues land."""
     model_config(config)
+
+
+def validate_train(config: config_dict.ConfigDict) -> None:
+    """Checks the keys the trainer reads; the mesh-dependent batch checks happen once the mesh exists."""
+    validate(config)
+    from dsjax.train.optimizer import SCHEDULES
+
+    def positive(key, allow_zero=False, allow_none=False):
+        section, name = key.split(".")
+        value = config[section][name]
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+        if not ok:
+            raise ConfigError(f"{key} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}.")
+
+    for key in ("train.steps", "train.seq_len", "train.grad_accum_steps", "checkpoint.every_steps",
+                "checkpoint.keep", "log.every_steps"):
+        positive(key)
+    for key in ("optim.warmup_steps", "eval.every_steps", "eval.steps", "checkpoint.every_minutes",
+                "optim.weight_decay"):
+        positive(key, allow_zero=True)
+    for key in ("optim.lr", "train.global_batch_size", "eval.batch_size"):
+        positive(key, allow_none=True)
+    if config.train.seq_len > config.model.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={config.train.seq_len} exceeds the model's context, model.max_seq_len="
+            f"{config.model.max_seq_len}."
+        )
+    if config.optim.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={config.optim.schedule!r} is not one of {', '.join(SCHEDULES)}.")
+    if len(config.optim.multistep_boundaries) != len(config.optim.multistep_factors):
+        raise ConfigError("optim.multistep_boundaries and optim.multistep_factors must have the same length.")
 
 
 def model_config(config: config_dict.ConfigDict) -> ModelConfig:

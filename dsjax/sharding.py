@@ -1,37 +1,134 @@
-"""Logical axis names -> mesh axes.
+"""Device mesh, logical axis rules, and the shardings of parameters, optimizer state and batches.
 
 Model code names the axes of its parameters (`dsjax.model.params`) and of the activations it constrains
-(`constrain(x, ("batch", "seq", "act_embed"))`). A list of rules `(logical_name, mesh_axis or tuple or None)` maps
-those names onto a device mesh. Inside `use_rules(mesh, rules)` the constraints are applied; outside they are
-no-ops, so a model runs unchanged on one device.
+(`constrain(x, ("batch", "seq", "act_embed"))`). Rules `(logical name, mesh axis | tuple of axes | None)` from the
+config map those names onto a mesh with axes (data, fsdp, tensor):
+
+- data: pure data parallelism; parameters are replicated over it. With ZeRO-1 (`mesh.zero1`) the optimizer state is
+  additionally split over `data`, as in the paper's HAI-LLM.
+- fsdp: data parallelism whose parameters, gradients and optimizer state are split (ZeRO-3 / FSDP): the batch is split
+  over it and the `embed` dimension of every weight is too.
+- tensor: Megatron-style tensor parallelism over heads, the FFN width and the vocabulary.
+
+Inside `use_rules(mesh, rules)` activation constraints apply; outside they are no-ops, so a model runs unchanged on
+one device. A rule whose mesh axes do not divide a dimension is dropped for that tensor (it stays replicated there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dsjax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed_vocab", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+)
 
 _STATE = threading.local()
 
 
-def logical_to_spec(axes, rules) -> PartitionSpec:
-    """PartitionSpec for logical `axes`; a mesh axis is used at most once (later dimensions lose it)."""
+def make_mesh(shape, axes=MESH_AXES, devices=None) -> Mesh:
+    """A mesh of `shape` over `axes`; one -1 entry takes the devices left over. Errors name `mesh.shape`."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = list(shape)
+    if len(shape) != len(axes):
+        raise ConfigError(f"mesh.shape={tuple(shape)} needs one entry per mesh axis {tuple(axes)}.")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh.shape={tuple(shape)} must hold positive sizes and at most one -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ConfigError(f"mesh.shape={tuple(shape)}: {len(devices)} devices are not divisible by {known}.")
+        shape[shape.index(-1)] = len(devices) // known
+    if -1 not in shape and math.prod(shape) < len(devices) and jax.process_count() == 1:
+        devices = devices[: math.prod(shape)]  # a smaller explicit mesh on one host: use the first devices
+    if math.prod(shape) != len(devices):
+        raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} are present.")
+    return Mesh(np.array(devices).reshape(shape), tuple(axes))
+
+
+def logical_to_spec(axes, rules, shape=None, mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for logical `axes`. A mesh axis is used at most once; with `shape` and `mesh`, axes that do not
+    divide the dimension are dropped."""
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name in axes:
+    for dim, name in enumerate(axes):
         target = table.get(name)
-        if target is None:
-            spec.append(None)
-            continue
-        targets = (target,) if isinstance(target, str) else tuple(target)
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
         targets = tuple(t for t in targets if t not in used)
+        if shape is not None and mesh is not None:
+            kept = []
+            for t in targets:
+                if shape[dim] % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[t]) == 0:
+                    kept.append(t)
+            targets = tuple(kept)
         used.update(targets)
-        spec.append(targets[0] if len(targets) == 1 else (targets or None))
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return PartitionSpec(*spec)
+
+
+def zero1_spec(spec: PartitionSpec, shape, mesh: Mesh, axis: str = "data") -> PartitionSpec:
+    """Adds `axis` to the largest dimension it divides (ZeRO-1: optimizer state split over data-parallel ranks)."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    flat = [a for e in entries if e is not None for a in ((e,) if isinstance(e, str) else e)]
+    if axis in flat or mesh.shape[axis] == 1:
+        return PartitionSpec(*entries)
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        current = () if entries[dim] is None else ((entries[dim],) if isinstance(entries[dim], str) else entries[dim])
+        if shape[dim] % (math.prod(mesh.shape[a] for a in current) * mesh.shape[axis]) == 0:
+            entries[dim] = current + (axis,) if current else axis
+            return PartitionSpec(*entries)
+    return PartitionSpec(*entries)
+
+
+def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules, zero1: bool = False):
+    """NamedShardings for a pytree of arrays, given a matching pytree of logical axes (None: replicated)."""
+
+    def one(leaf, axes):
+        if axes is None or not hasattr(leaf, "shape"):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = logical_to_spec(axes, rules, leaf.shape, mesh)
+        if zero1:
+            spec = zero1_spec(spec, leaf.shape, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_tree, axes_tree, is_leaf=lambda x: x is None)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), rules))
+
+
+def data_parallel_size(mesh: Mesh, rules) -> int:
+    """How many ways the batch dimension is split."""
+    spec = logical_to_spec(("batch",), rules)[0]
+    names = () if spec is None else ((spec,) if isinstance(spec, str) else spec)
+    return math.prod(mesh.shape[n] for n in names)
 
 
 @contextlib.contextmanager
@@ -51,4 +148,4 @@ def constrain(x: jax.Array, axes) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, x.shape, mesh)))

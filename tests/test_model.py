@@ -147,7 +147,7 @@ def test_depth_is_scanned_not_unrolled():
 
 
 def test_every_parameter_has_logical_axes():
-    allowed = {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
+    allowed = {"layers", "vocab", "embed_vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
     for path, var in nnx.to_flat_state(nnx.state(abstract_model(SMALL), nnx.Param)):
         axes = logical_axes(var)
         assert len(axes) == var.get_value().ndim and set(axes) <= allowed, (path, axes)

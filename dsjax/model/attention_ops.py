@@ -63,17 +63,35 @@ def cudnn_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Ar
 
 
 def pallas_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Array:
-    raise ConfigError(
-        "model.attention='pallas' is not available yet (the flash-attention kernels land with the kernels "
-        "issue); use 'xla', 'cudnn' or 'auto'."
-    )
+    """Our Pallas flash-attention kernels (`dsjax.kernels`): the Triton one on GPU, the Mosaic one on TPU.
+
+    On other platforms the kernels only run interpreted (slow, for tests): set DSJAX_PALLAS_INTERPRET=1 (the
+    platform's kernel, GPU's on CPU) or =gpu / =tpu to pick one.
+    """
+    from dsjax import kernels  # Imported here so that the other backends never load Pallas.
+
+    try:
+        interpret, kernel = kernels.interpret_from_env()
+        platform = jax.default_backend()
+        if not interpret and platform not in kernels.KERNELS:
+            raise ConfigError(
+                f"model.attention='pallas' needs a GPU or TPU, but this platform is '{platform}'; use 'xla' or "
+                f"'auto' (or set {kernels.INTERPRET_ENV}=1 to run the kernels in slow interpret mode)."
+            )
+        return kernels.flash_attention(q, k, v, segment_ids, causal=causal, interpret=interpret, backend=kernel)
+    except kernels.UnsupportedError as error:
+        raise ConfigError(f"model.attention='pallas' cannot run here: {error}") from error
 
 
 def resolve_backend(name: str) -> str:
-    """Maps `auto` to a concrete backend for the current platform."""
+    """Maps `auto` to a concrete backend for the current platform.
+
+    GPU keeps cuDNN until experiments/bench_attention.py shows our Pallas kernel at least as fast on an H100
+    (kernels/README.md); TPU has no cuDNN, so it gets the Pallas kernel; CPU gets the XLA reference.
+    """
     if name != "auto":
         return name
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return {"gpu": "cudnn", "tpu": "pallas"}.get(jax.default_backend(), "xla")
 
 
 BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": pallas_attention}

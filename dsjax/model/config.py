@@ -11,13 +11,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsjax.errors import ConfigError  # noqa: F401  (re-exported: the model's config errors)
+
 ATTENTION_BACKENDS = ("xla", "cudnn", "pallas", "auto")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A user-fixable configuration mistake; the message names the config key."""
 
 
 @dataclasses.dataclass(frozen=True)

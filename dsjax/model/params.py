@@ -2,7 +2,7 @@
 
 Every weight is an `nnx.Param` carrying `logical_axes` metadata (one name per dimension, e.g. `("embed", "mlp")`).
 `dsjax.sharding` maps those names to mesh axes from the config, so the model code never mentions a mesh.
-Names used: layers, vocab, embed, heads, kv_heads, head_dim, mlp.
+Names used: layers, vocab (output head), embed_vocab (input embedding), embed, heads, kv_heads, head_dim, mlp.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.config = cfg
         dtype = cfg.weight_dtype
-        self.embed = params.normal(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, dtype)
+        # The lookup table's vocab axis has its own name: a gather from a vocab-sharded table cannot be partitioned
+        # efficiently, so by default it stays whole while `embed` is split (the output head's `vocab` is split).
+        self.embed = params.normal(rngs, (cfg.vocab_size, cfg.d_model), ("embed_vocab", "embed"), cfg.init_std, dtype)
         self.layers = Block(cfg, rngs, layers=cfg.n_layers)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
         self.lm_head = params.normal(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dtype)
@@ -39,7 +41,10 @@ class Transformer(nnx.Module):
         """Final-normed hidden states (batch, seq, d_model) in the compute dtype, before the output head."""
         cfg = self.config
         tokens, positions = _check_inputs(tokens, positions, segment_ids)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        # Gather the table whole before the lookup, as FSDP does for every weight: a lookup into an embed-split table
+        # yields embed-split rows that XLA cannot efficiently turn into batch-split activations.
+        table = constrain(self.embed[...].astype(cfg.compute_dtype), ("embed_vocab", "act_embed"))
+        x = jnp.take(table, tokens, axis=0)
         x = constrain(x, ("batch", "seq", "act_embed"))
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
 

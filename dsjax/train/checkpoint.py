@@ -9,6 +9,8 @@ trainer can start or fine-tune from.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from pathlib import Path
 
 import jax
@@ -82,3 +84,74 @@ def restore_model(path, *, shardings=None, **overrides) -> Transformer:
         restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     nnx.replace_by_pure_dict(state, restored.params)
     return nnx.merge(graphdef, state)
+
+
+class TrainCheckpointer:
+    """Saves and restores the whole train state in `WORKDIR/checkpoints`, asynchronously.
+
+    Items per step: `params` and `opt_state` (Orbax StandardSave, restorable onto another mesh), `meta` (JSON: step,
+    model config, RNG key, the data iterator state). Orbax writes each step to a temporary directory and renames it
+    when complete, so a crash mid-save never leaves a step that looks complete; the newest `keep` steps are kept.
+    """
+
+    def __init__(self, workdir, keep: int, async_save: bool = True):
+        self.root = (Path(workdir) / "checkpoints").absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.root, options=options)
+
+    def save(self, step: int, state: dict, meta: dict):
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(self, target: dict, log=print):
+        """(state, meta) from the newest step that restores, or None when there is no checkpoint at all.
+
+        A step that fails (truncated, corrupt) is reported and the one before it tried; if checkpoints exist but none
+        restores, this raises rather than let training silently start from scratch.
+        """
+        steps = self.steps()
+        for step in reversed(steps):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(target["params"]),
+                    opt_state=ocp.args.StandardRestore(target["opt_state"]),
+                    meta=ocp.args.JsonRestore(),
+                ))
+            except Exception as err:  # noqa: BLE001 - any failure to read a step means: try the previous one
+                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                aside = self._move_aside(step)
+                log(f"checkpoint {self.root / str(step)} failed to restore ({type(err).__name__}: {first_line[:200]}); "
+                    f"moved it to {aside} and trying the previous one")
+                continue
+            meta = dict(restored.meta)
+            state = {"params": restored.params, "opt_state": restored.opt_state,
+                     "step": jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32),
+                                            target["step"].sharding)}
+            return state, meta
+        if steps:
+            raise RuntimeError(f"checkpoints {steps} exist in {self.root} but none restores; refusing to start from "
+                               "scratch (move them away to start over).")
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        """Keeps a step that failed to restore for inspection, out of the manager's way (a later save reuses its
+        number)."""
+        aside = self.root.parent / "checkpoints_failed" / f"{step}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.root / str(step), aside)
+        self.manager.reload()
+        return aside
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
