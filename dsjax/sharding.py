@@ -142,6 +142,11 @@ def use_rules(mesh: Mesh, rules):
         _STATE.active = previous
 
 
+def active_rules():
+    """(mesh, rules) inside `use_rules`, else None."""
+    return getattr(_STATE, "active", None)
+
+
 def constrain(x: jax.Array, axes) -> jax.Array:
     """Hints XLA to lay `x` out by its logical `axes`; a no-op outside `use_rules`."""
     active = getattr(_STATE, "active", None)

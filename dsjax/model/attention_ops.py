@@ -13,9 +13,13 @@ heads a multiple of kv_heads (grouped-query attention), and return (batch, seq, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from dsjax import sharding
 from dsjax.model.config import ConfigError
 
 
@@ -68,7 +72,8 @@ def pallas_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.A
     On other platforms the kernels only run interpreted (slow, for tests): set DSJAX_PALLAS_INTERPRET=1 (the
     platform's kernel, GPU's on CPU) or =gpu / =tpu to pick one.
     """
-    from dsjax import kernels  # Imported here so that the other backends never load Pallas.
+    # Imported here so that the other backends never load Pallas.
+    from dsjax import kernels
 
     try:
         interpret, kernel = kernels.interpret_from_env()
@@ -97,5 +102,37 @@ def resolve_backend(name: str) -> str:
 BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": pallas_attention}
 
 
+def per_shard(fn, q, k):
+    """Runs a kernel backend once per device on its block of the batch and of the heads.
+
+    XLA partitions the einsum reference by itself, but a Pallas or cuDNN call is opaque to it: under a mesh it would
+    gather q, k, v and compute every head of the whole batch on every device. Attention is independent per sequence
+    and per head, so each device runs the kernel on its own batch rows and (when the `tensor` axis divides both head
+    counts, keeping each query group with its K/V head) its own heads.
+    """
+    active = sharding.active_rules()
+    if active is None:
+        return fn
+    mesh, rules = active
+    batch = sharding.logical_to_spec(("batch",), rules, (q.shape[0],), mesh)[0]
+    heads = sharding.logical_to_spec(("act_heads",), rules, (q.shape[2],), mesh)[0]
+    kv_heads = sharding.logical_to_spec(("act_kv_heads",), rules, (k.shape[2],), mesh)[0]
+    if heads != kv_heads:
+        heads = None
+    qkv = PartitionSpec(batch, None, heads, None)
+    segments = PartitionSpec(batch, None)
+
+    def call(q, k, v, segment_ids=None):
+        specs = (qkv, qkv, qkv) + ((segments,) if segment_ids is not None else ())
+        args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
+        return jax.shard_map(lambda *a: fn(*a), mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+    return call
+
+
 def dot_product_attention(q, k, v, segment_ids=None, *, backend: str = "xla", causal: bool = True):
-    return BACKENDS[resolve_backend(backend)](q, k, v, segment_ids, causal=causal)
+    name = resolve_backend(backend)
+    fn = functools.partial(BACKENDS[name], causal=causal)
+    if name != "xla":
+        fn = per_shard(fn, q, k)
+    return fn(q, k, v, segment_ids)

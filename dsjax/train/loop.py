@@ -56,21 +56,11 @@ class Task:
 
 
 def pretraining_task() -> Task:
-    from dsjax.data import corpus, pipeline, prepare
-    from dsjax.data.tokenizer import load_tokenizer
+    """Next-token prediction on the config's prepared datasets (data.datasets; "builtin" is the stdlib corpus)."""
+    from dsjax.data import pipeline
 
-    def data(config, split, **kwargs):
-        return pipeline.make_loader(config, split, **kwargs)
-
-    def bytes_per_token(config):
-        paths = corpus.resolve_datasets(config)
-        manifest = prepare.read_manifest(paths["val"])
-        return manifest.bytes_per_predicted_token
-
-    def tokenizer(config):
-        return load_tokenizer(corpus.resolve_datasets(config)["tokenizer"])
-
-    return Task(loss_fn=next_token_loss, data=data, eval_bytes_per_token=bytes_per_token, tokenizer=tokenizer)
+    return Task(loss_fn=next_token_loss, data=pipeline.make_loader,
+                eval_bytes_per_token=pipeline.eval_bytes_per_token, tokenizer=pipeline.load_config_tokenizer)
 
 
 class _Signals:
