@@ -102,7 +102,7 @@ def test_tiny_loader_runs_and_resumes_exactly(tiny):
     for a, b in zip(rest, [next(resumed) for _ in range(4)]):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     batch = first[0]
-    assert batch["tokens"].shape == (16, 256) and batch["loss_weights"].all()
+    assert batch["tokens"].shape == (tiny.train.global_batch_size, tiny.train.seq_len) and batch["loss_weights"].all()
     tok = load_tokenizer(loader.tokenizer_path)
     text = tok.decode(batch["tokens"][0][batch["segment_ids"][0] == batch["segment_ids"][0][-1]])
     assert any(text in f.read_text(encoding="utf-8") for f in corpus.stdlib_files())
