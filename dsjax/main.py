@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"done: step {result.get('step')}, " + ", ".join(
-        f"{k} {v:.4g}" for k, v in result.items() if k != "step" and isinstance(v, float)))
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "step" and isinstance(v, float))
+    print(f"done: step {result.get('step')}" + (f", {numbers}" if numbers else " (the run was already complete)"))
     return 0
 
 

@@ -65,9 +65,11 @@ def params(workdir):
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, env):
-    code, out = finish(start(tmp_path / "full", env))
+    code, out = finish(start(tmp_path / "full", env, "--profile"))
     assert code == 0, out
     assert "eval_bpb" in out and "sample" in out
+    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents*"))
+    assert any(p.is_file() for p in (tmp_path / "full" / "profile").rglob("*"))  # the --profile trace
 
     run = tmp_path / "interrupted"
     proc = start(run, env)

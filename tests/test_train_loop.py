@@ -145,3 +145,31 @@ def test_metrics_file_has_the_documented_fields(uninterrupted):
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time"} <= set(records[-1])
+
+
+def test_unset_lr_and_batch_come_from_the_scaling_laws(tmp_path, capsys):
+    config = small_config(steps=3, global_batch_size=None)
+    config.optim.lr = None
+    config.mesh.shape = (2, 1, 1)
+    train(config, tmp_path, task=synthetic_task())
+    assert "scaling laws: lr" in capsys.readouterr().out
+    chosen = json.loads((tmp_path / "config.json").read_text())
+    batch, lr, seq = chosen["train"]["global_batch_size"], chosen["optim"]["lr"], 32
+    m = 72 * 2 * 64**2 + 12 * 2 * 64 * seq  # the paper's M for 2 layers of width 64
+    d_star = (3 * 0.2920 * m**0.3271) ** (1 / (1 - 0.3271))  # D = steps * B_opt(M * D), solved by hand
+    assert batch % 2 == 0 and abs(batch - d_star / 3 / seq) <= 2  # whole sequences, a multiple of the data axis
+    assert lr == pytest.approx(0.3118 * (m * d_star) ** -0.125, rel=0.01)
+
+
+def test_export_hf_from_a_training_workdir(uninterrupted, tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dsjax.convert import main as convert
+
+    assert convert(["export-hf", str(uninterrupted), str(tmp_path / "hf")]) == 0
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.RandomState(0).randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(restore_model(uninterrupted)(tokens), ref, atol=1e-4)

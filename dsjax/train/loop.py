@@ -150,15 +150,18 @@ def prepare(config, task: Task) -> Setup:
     model_cfg = model_config(config)
     config = config.copy_and_resolve_references()
     config.unlock()
-    if config.optim.lr is None or config.train.global_batch_size is None:
-        choice = choose_hyperparams(config)
-        config.optim.lr, config.train.global_batch_size = choice.lr, choice.global_batch_size
-        _log(f"scaling laws: {choice.explanation}")
-
     mesh = shd.make_mesh(config.mesh.shape, tuple(config.mesh.axes))
     rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in config.mesh.rules)
     dp = shd.data_parallel_size(mesh, rules)
-    accum, gbs = config.train.grad_accum_steps, config.train.global_batch_size
+    accum = config.train.grad_accum_steps
+    if config.optim.lr is None or config.train.global_batch_size is None:
+        choice = choose_hyperparams(config)
+        unit = math.lcm(dp * accum, jax.process_count())
+        batch = config.train.global_batch_size or max(unit, round(choice.global_batch_size / unit) * unit)
+        config.optim.lr, config.train.global_batch_size = choice.lr, batch
+        rounded = "" if batch == choice.global_batch_size else f" (batch rounded to {batch}, a multiple of {unit})"
+        _log(f"scaling laws: {choice.explanation}{rounded}")
+    gbs = config.train.global_batch_size
     if gbs % (dp * accum) or gbs % jax.process_count():
         raise ConfigError(f"train.global_batch_size={gbs} is not divisible by the data-parallel size {dp} times "
                           f"train.grad_accum_steps={accum}.")
@@ -184,6 +187,14 @@ def prepare(config, task: Task) -> Setup:
                        out_shardings=replicated)
     return Setup(config, model_cfg, mesh, rules, schedule, shardings, target, graphdef, batch_sharding, step,
                  evaluate, tx)
+
+
+def _log_eval(run, state, task, config, bytes_per_token, writer, step, last):
+    result = _evaluate(run.eval, state["params"], task, config, run.batch_sharding, bytes_per_token)
+    if result:
+        _log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        writer.write(step, result)
+        last.update(result)
 
 
 def train(config, workdir, *, task: Task | None = None, profile: bool = False) -> dict:
@@ -246,6 +257,8 @@ def _run_steps(run: Setup, state, rng, train_data, ckpt, writer, task, bytes_per
     bar = tqdm(total=config.train.steps, initial=start, disable=not config.log.progress_bar or jax.process_index() > 0,
                dynamic_ncols=True, file=sys.stdout)
     with _Signals() as signals, shd.use_rules(run.mesh, run.rules):
+        if step == 0 and config.eval.every_steps:  # the untrained baseline, for a before/after on the same data
+            _log_eval(run, state, task, config, bytes_per_token, writer, 0, last)
         while step < config.train.steps:
             if profile and step == start + 2:
                 jax.profiler.start_trace(str(workdir / "profile"))
@@ -273,11 +286,7 @@ def _run_steps(run: Setup, state, rng, train_data, ckpt, writer, task, bytes_per
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
                 writer.write(step, last)
             if config.eval.every_steps and (step % config.eval.every_steps == 0 or step == config.train.steps):
-                result = _evaluate(run.eval, state["params"], task, config, run.batch_sharding, bytes_per_token)
-                if result:
-                    _log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-                    writer.write(step, result)
-                    last.update(result)
+                _log_eval(run, state, task, config, bytes_per_token, writer, step, last)
                 t_last = time.perf_counter()  # evaluation time is not step time
             minutes = (time.monotonic() - last_save) / 60
             due = step % config.checkpoint.every_steps == 0 or minutes >= config.checkpoint.every_minutes
