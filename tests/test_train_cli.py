@@ -17,7 +17,7 @@ from flax import nnx
 from dsjax.train.checkpoint import TrainCheckpointer, restore_model
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 12
+STEPS = 20
 ARGS = [
     "--config=tiny",
     "--config.model.d_model=64", "--config.model.n_layers=2", "--config.model.n_heads=4",
@@ -80,7 +80,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     assert killed_at < STEPS
 
     proc = start(run, env)
-    wait_for_step(proc, run, killed_at + 2)
+    wait_for_step(proc, run, killed_at + 1)
     proc.send_signal(signal.SIGTERM)  # a clean stop: a checkpoint at the step it was on
     code, out = finish(proc)
     assert code == 0, out
