@@ -186,17 +186,17 @@ class _Reader:
         self.files = files
         self.handles = {}
 
-    def read(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         path = self.files[name]
         if path not in self.handles:
             self.handles[path] = safe_open(str(path), framework="numpy").__enter__()
-        return self.handles[path].get_tensor(name)
+        return self.handles[path]
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        path = self.files[name]
-        if path not in self.handles:
-            self.handles[path] = safe_open(str(path), framework="numpy").__enter__()
-        return tuple(self.handles[path].get_slice(name).get_shape())
+        return tuple(self._handle(name).get_slice(name).get_shape())
 
     def close(self):
         for handle in self.handles.values():

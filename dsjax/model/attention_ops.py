@@ -125,7 +125,7 @@ def per_shard(fn, q, k):
     def call(q, k, v, segment_ids=None):
         specs = (qkv, qkv, qkv) + ((segments,) if segment_ids is not None else ())
         args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
-        return jax.shard_map(lambda *a: fn(*a), mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
 
     return call
 

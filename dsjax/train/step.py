@@ -21,10 +21,8 @@ BATCH_KEYS = ("tokens", "targets", "loss_weights", "segment_ids", "positions")
 
 
 def _micro_batches(batch: dict, steps: int) -> dict:
-    def split(x):
-        x = x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
-        return x
-    return {k: split(v) for k, v in batch.items()}
+    """(batch, ...) -> (steps, batch // steps, ...): the leading axis is what the accumulation scan runs over."""
+    return {k: v.reshape((steps, v.shape[0] // steps) + v.shape[1:]) for k, v in batch.items()}
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable, grad_accum_steps: int,
