@@ -70,6 +70,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     assert "eval_bpb" in out and "sample" in out
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents*"))
     assert any(p.is_file() for p in (tmp_path / "full" / "profile").rglob("*"))  # the --profile trace
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    baseline = [r for r in records if r["step"] == 0]  # evaluated before training: near-uniform logits
+    assert len(baseline) == 1 and abs(baseline[0]["eval_loss"] - np.log(4096)) < 0.05
 
     run = tmp_path / "interrupted"
     proc = start(run, env)
