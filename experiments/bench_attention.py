@@ -3,6 +3,7 @@
     python experiments/bench_attention.py            # the tables for kernels/README.md (run on the GPU/TPU)
     python experiments/bench_attention.py --sweep    # also time other tile sizes for our kernel
     python experiments/bench_attention.py --smoke    # tiny and interpreted on CPU: only checks the script runs
+    python experiments/bench_attention.py --doc_len 512  # adds our kernel on packed 512-token documents
 
 Prints forward, backward and forward+backward TFLOP/s, bf16, head_dim 128, sequences 2048/4096/8192, heads
 32q/32kv and 64q/8kv, causal and full, every implementation measured in the same run. FLOPs count the two
@@ -10,6 +11,10 @@ S x S x D matmuls of the forward (4 B Hq S^2 D) and the five of the backward (QK
 2.5x the forward), halved when causal. Method: each function is jit-compiled and called 3 times to warm up,
 then timed over --runs calls, each ended by block_until_ready; the median is reported. The `err` column is
 max |ours - reference| / max |reference| for the forward output (reference: cuDNN on GPU, else XLA).
+
+With --doc_len L a row `pallas+docs` times our kernel on the same batch cut into documents of L tokens (segment
+ids); its FLOPs count only the pairs inside documents (S^2 becomes S*L), so its milliseconds against the `pallas`
+row show what segment-range tile skipping saves.
 """
 
 from __future__ import annotations
@@ -64,10 +69,25 @@ def time_modes(attention, q, k, v, do, runs: int) -> dict[str, float]:
     }
 
 
-def implementations(causal: bool, interpret: bool, blocks: BlockSizes | None) -> dict:
+def document_ids(batch: int, seq: int, doc_len: int):
+    """Segment ids of documents of `doc_len` tokens packed back to back (the last one shorter)."""
+    return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32) // doc_len + 1, (batch, seq))
+
+
+def document_flops(batch, heads, seq, head_dim, causal, doc_len) -> float:
+    """forward_flops counted inside documents only: the sum over documents of their own S^2 terms."""
+    lengths = [doc_len] * (seq // doc_len) + ([seq % doc_len] if seq % doc_len else [])
+    return sum(forward_flops(batch, heads, n, head_dim, causal) for n in lengths)
+
+
+def implementations(causal: bool, interpret: bool, blocks: BlockSizes | None, documents=None) -> dict:
     impls = {
         "pallas": lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret, block_sizes=blocks),
     }
+    if documents is not None:
+        impls["pallas+docs"] = lambda q, k, v: flash_attention(
+            q, k, v, documents, causal=causal, interpret=interpret, block_sizes=blocks
+        )
     if jax.default_backend() == "gpu":
         impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
     impls["xla"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
@@ -101,7 +121,8 @@ def run_table(args, heads, kv_heads, causal, blocks=None, only=None):
         batch = max(1, args.tokens // seq)
         q, k, v, do = inputs(batch, seq, heads, kv_heads, args.head_dim, args.dtype)
         flops = forward_flops(batch, heads, seq, args.head_dim, causal)
-        impls = implementations(causal, args.smoke, blocks)
+        documents = document_ids(batch, seq, args.doc_len) if args.doc_len else None
+        impls = implementations(causal, args.smoke, blocks, documents)
         reference_name = "cudnn" if "cudnn" in impls else "xla"
         try:
             reference = jax.jit(impls[reference_name])(q, k, v)
@@ -120,8 +141,9 @@ def run_table(args, heads, kv_heads, causal, blocks=None, only=None):
                 notes.append(f"{name} at seq {seq}: {_short(error)}")
                 print(f"| {seq} | {batch} | {name} | n/a | n/a | n/a | |")
                 continue
+            row_flops = document_flops(batch, heads, seq, args.head_dim, causal, args.doc_len) if "docs" in name else flops
             cells = [
-                f"{flops * factor / seconds[mode] / 1e12:.1f} ({seconds[mode] * 1e3:.2f})"
+                f"{row_flops * factor / seconds[mode] / 1e12:.1f} ({seconds[mode] * 1e3:.2f})"
                 for mode, factor in zip(MODES, (1.0, 2.5, 3.5))
             ]
             print(f"| {seq} | {batch} | {name} | {' | '.join(cells)} | {err} |", flush=True)
@@ -164,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--masks", nargs="+", default=["causal", "full"], choices=["causal", "full"])
     parser.add_argument("--runs", type=int, default=20, help="timed calls per measurement (median reported)")
+    parser.add_argument("--doc_len", type=int, default=0, help="also time packed documents of this many tokens")
     parser.add_argument("--sweep", action="store_true", help="time other tile sizes (seq 4096 unless --seqs)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, kernels interpreted: runs on CPU")
     args = parser.parse_args(argv)

@@ -11,11 +11,16 @@ observed over these cases:
 - bfloat16: 1.5e-2 (observed 4.8e-3, the same as the bf16 xla reference's own error against float32: the
   kernel rounds P and dS to the input dtype before the P V, dS K and dS^T Q matmuls, as the reference does).
 - float16: 2e-3 (observed 5.2e-4; three more mantissa bits than bfloat16).
+
+On a GPU or TPU, `DSJAX_KERNEL_TESTS=compiled JAX_PLATFORMS= python -m pytest tests/test_kernels.py
+tests/test_kernels_segments.py` runs the same comparisons with the platform's kernel compiled, and skips the other
+platform's (`experiments/device_check.sh` does this first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,17 @@ from dsjax.kernels import BlockSizes, UnsupportedError, flash_attention, masking
 from dsjax.model.attention_ops import xla_attention
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2, jnp.float16: 2e-3}
+COMPILED = os.environ.get("DSJAX_KERNEL_TESTS", "interpret") == "compiled"
+
+
+def interpret_for(backend: str) -> bool:
+    """Interpret `backend`'s kernel, unless compiled runs were asked for: then run it compiled on its own
+    hardware and skip it elsewhere."""
+    if not COMPILED:
+        return True
+    if jax.default_backend() != backend:
+        pytest.skip(f"DSJAX_KERNEL_TESTS=compiled: the {backend} kernel needs a {backend}")
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +108,12 @@ def _value_and_vjp(attention, q, k, v, do):
     return jax.jit(run)(q, k, v, do)
 
 
-def check_against_reference(case: Case, **kernel_args):
+def check_against_reference(case: Case, backend: str, **kernel_args):
     q, k, v, do, segment_ids = make_inputs(case)
-    kernel = lambda q, k, v: flash_attention(q, k, v, segment_ids, causal=case.causal, interpret=True, **kernel_args)
+    interpret = interpret_for(backend)
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, segment_ids, causal=case.causal, interpret=interpret, backend=backend, **kernel_args
+    )
     reference = lambda q, k, v: xla_attention(q, k, v, segment_ids, causal=case.causal)
     out, grads = _value_and_vjp(kernel, q, k, v, do)
     up = lambda x: x.astype(jnp.float32)
@@ -145,7 +164,8 @@ def test_kv_never_repeated_per_query_head(backend):
     per (K/V head, tile), so K/V are neither copied per query head nor read once per query head."""
     case = Case(causal=True, segments=False, group=8, seq=128, dtype=jnp.float32, head_dim=64, kv_heads=2)
     q, k, v, do, _ = make_inputs(case)
-    step = lambda q, k, v: jax.vjp(lambda *a: flash_attention(*a, interpret=True, backend=backend), q, k, v)[1](do)
+    interpret = interpret_for(backend)
+    step = lambda q, k, v: jax.vjp(lambda *a: flash_attention(*a, interpret=interpret, backend=backend), q, k, v)[1](do)
     calls = [eqn for eqn in jax.make_jaxpr(step)(q, k, v).eqns if eqn.primitive.name == "pallas_call"]
     assert len(calls) == 3  # forward, dK/dV, dQ
     for eqn in calls:

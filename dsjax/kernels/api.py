@@ -118,18 +118,19 @@ def _check_inputs(q, k, v, segment_ids):
         )
 
 
-def _pad_seq(x, padded: int, value=0):
+def _pad_seq(x, padded: int, mode="constant"):
     if x is None or x.shape[1] == padded:
         return x
     widths = [(0, 0)] * x.ndim
     widths[1] = (0, padded - x.shape[1])
-    return jnp.pad(x, widths, constant_values=value)
+    return jnp.pad(x, widths, mode=mode)
 
 
 def _forward(q, k, v, segment_ids, plan: Plan):
     q, k, v = (_pad_seq(x, plan.padded_len) for x in (q, k, v))
-    # Padded tokens get segment -1; the masks never let a real query see a padded key whatever its id.
-    segment_ids = _pad_seq(segment_ids, plan.padded_len, value=-1)
+    # Padded tokens repeat the last real id: position masks already keep them from real queries, and ids that
+    # never decrease stay so, which keeps `masking.segment_ranges` tight.
+    segment_ids = _pad_seq(segment_ids, plan.padded_len, mode="edge")
     out, residuals = KERNELS[plan.backend].forward(q, k, v, segment_ids, plan)
     return out[:, : plan.seq_len], residuals
 

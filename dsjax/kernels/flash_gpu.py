@@ -13,6 +13,8 @@ Three kernels:
   tile, so P^T dO and dS^T Q sum over the group inside the matmul (no atomics, no per-head copies).
 - dQ: grid (query tile, batch, head tile); a loop over key tiles, like the forward.
 Logits are scaled by scale * log2(e) so the softmax uses exp2 (one fast hardware instruction).
+With segment ids each program also reads its own [lo, hi) tile range (`masking.segment_ranges`) and narrows
+its loop to it, so packed documents skip the tiles between documents.
 """
 
 from __future__ import annotations
@@ -79,19 +81,27 @@ def _scores(q, k, q_pos, k_pos, q_seg, k_seg, plan: Plan, position_mask: bool):
     return s if mask is None else jnp.where(mask, s, masking.MASK_VALUE)
 
 
-def _two_phase_loop(ranges, body, carry):
-    """Runs `body(index, carry, position_mask)` over consecutive index ranges [(lo, hi, position_mask)]."""
+def _two_phase_loop(ranges, body, carry, lo_ref=None, hi_ref=None):
+    """Runs `body(index, carry, position_mask)` over consecutive index ranges [(lo, hi, position_mask)],
+    each narrowed to the program's segment range [lo_ref[0], hi_ref[0]) when given (`masking.segment_ranges`)."""
     for lo, hi, position_mask in ranges:
         if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
             continue
+        if lo_ref is not None:
+            lo, hi = jnp.maximum(lo, lo_ref[0]), jnp.minimum(hi, hi_ref[0])
         carry = lax.fori_loop(lo, hi, functools.partial(body, position_mask=position_mask), carry)
     return carry
+
+
+def _range_spec(tile_index):
+    """BlockSpec handing a program its own entry of a (batch, tiles) segment-range array."""
+    return pl.BlockSpec((None, 1), lambda t, b, h: (b, tile_index(t)))
 
 
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, plan: Plan, shape: _Shape):
+def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, o_ref, lse_ref, *, plan: Plan, shape: _Shape):
     bq, bk = plan.blocks.block_q, plan.blocks.block_k
     gb, d = shape.heads_per_tile, shape.head_dim
     rows = bq * gb
@@ -122,12 +132,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, plan: Plan,
         jnp.full((rows,), -jnp.inf, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
-    acc, m, l = _two_phase_loop([(0, unmasked_end, False), (unmasked_end, end, True)], body, init)
+    acc, m, l = _two_phase_loop([(0, unmasked_end, False), (unmasked_end, end, True)], body, init, lo_ref, hi_ref)
     o_ref[...] = (acc * (1.0 / l)[:, None]).reshape(bq, gb, d).astype(o_ref.dtype)
     lse_ref[...] = (m + jnp.log2(l)).reshape(bq, gb)
 
 
-def _forward_call(q, k, v, seg, plan: Plan, shape: _Shape):
+def _forward_call(q, k, v, seg, ranges, plan: Plan, shape: _Shape):
     batch = q.shape[0]
     bq, gb, d = plan.blocks.block_q, shape.heads_per_tile, shape.head_dim
     nq = shape.seq // bq
@@ -141,6 +151,7 @@ def _forward_call(q, k, v, seg, plan: Plan, shape: _Shape):
             pl.BlockSpec((None, shape.seq, None, d), kv_all),
             pl.BlockSpec((None, shape.seq, None, d), kv_all),
             None if seg is None else pl.BlockSpec((None, shape.seq), lambda i, b, h: (b, 0)),
+            *[None if seg is None else _range_spec(lambda i: nq - 1 - i)] * 2,
         ],
         out_specs=[
             pl.BlockSpec((None, bq, gb, d), q_tile),
@@ -154,13 +165,15 @@ def _forward_call(q, k, v, seg, plan: Plan, shape: _Shape):
         compiler_params=_compiler_params(bq * gb, d, stages=3 if q.dtype.itemsize <= 2 else 2),
         interpret=plan.interpret,
         name="dsjax_flash_fwd_gpu",
-    )(q, k, v, seg)
+    )(q, k, v, seg, *ranges)
 
 
 # ---------------------------------------------------------------------------------------------- backward
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan, shape):
+def _dkdv_kernel(
+    q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, plan, shape
+):
     bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
     gb, d = shape.heads_per_tile, shape.head_dim
     rows = bq * gb
@@ -187,12 +200,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_re
 
     start, masked_end, end = masking.q_blocks(j, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
     init = (jnp.zeros((bk, d), jnp.float32), jnp.zeros((bk, d), jnp.float32))
-    dk, dv = _two_phase_loop([(start, masked_end, True), (masked_end, end, False)], body, init)
+    dk, dv = _two_phase_loop([(start, masked_end, True), (masked_end, end, False)], body, init, lo_ref, hi_ref)
     dk_ref[...] = (dk * plan.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dkdv_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
+def _dkdv_call(q, k, v, seg, ranges, do, lse, delta, plan: Plan, shape: _Shape):
     batch, kv_heads = q.shape[0], k.shape[2]
     bk, gb, d, s = plan.blocks.block_k_dkv, shape.heads_per_tile, shape.head_dim, shape.seq
     # Several head tiles per group (groups wider than 8) write float32 partials that are summed afterwards.
@@ -208,6 +221,7 @@ def _dkdv_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
         in_specs=[
             rows_all, kv_tile, kv_tile,
             None if seg is None else pl.BlockSpec((None, s), lambda j, b, h: (b, 0)),
+            *[None if seg is None else _range_spec(lambda j: j)] * 2,
             rows_all, stats_all, stats_all,
         ],
         out_specs=[out_tile, out_tile],
@@ -218,14 +232,14 @@ def _dkdv_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
         compiler_params=_compiler_params(bk, d, stages=2),
         interpret=plan.interpret,
         name="dsjax_flash_dkdv_gpu",
-    )(q, k, v, seg, do, lse, delta)
+    )(q, k, v, seg, *ranges, do, lse, delta)
     if shape.tiles_per_group > 1:
         group_sum = lambda x, like: x.reshape(batch, s, kv_heads, shape.tiles_per_group, d).sum(3).astype(like.dtype)
         dk, dv = group_sum(dk, k), group_sum(dv, v)
     return dk, dv
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan, shape):
+def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, lo_ref, hi_ref, do_ref, lse_ref, delta_ref, dq_ref, *, plan, shape):
     bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
     gb, d = shape.heads_per_tile, shape.head_dim
     rows = bq * gb
@@ -250,11 +264,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
 
     unmasked_end, end = masking.kv_blocks(i, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
     init = jnp.zeros((rows, d), jnp.float32)
-    dq = _two_phase_loop([(0, unmasked_end, False), (unmasked_end, end, True)], body, init)
+    dq = _two_phase_loop([(0, unmasked_end, False), (unmasked_end, end, True)], body, init, lo_ref, hi_ref)
     dq_ref[...] = (dq * plan.scale).reshape(bq, gb, d).astype(dq_ref.dtype)
 
 
-def _dq_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
+def _dq_call(q, k, v, seg, ranges, do, lse, delta, plan: Plan, shape: _Shape):
     batch = q.shape[0]
     bq, gb, d, s = plan.blocks.block_q_dq, shape.heads_per_tile, shape.head_dim, shape.seq
     nq = s // bq
@@ -267,6 +281,7 @@ def _dq_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
         in_specs=[
             q_tile, kv_all, kv_all,
             None if seg is None else pl.BlockSpec((None, s), lambda i, b, h: (b, 0)),
+            *[None if seg is None else _range_spec(lambda i: nq - 1 - i)] * 2,
             q_tile, stats_tile, stats_tile,
         ],
         out_specs=q_tile,
@@ -274,7 +289,7 @@ def _dq_call(q, k, v, seg, do, lse, delta, plan: Plan, shape: _Shape):
         compiler_params=_compiler_params(bq * gb, d, stages=2),
         interpret=plan.interpret,
         name="dsjax_flash_dq_gpu",
-    )(q, k, v, seg, do, lse, delta)
+    )(q, k, v, seg, *ranges, do, lse, delta)
 
 
 # ------------------------------------------------------------------------------------------- entry points
@@ -290,6 +305,13 @@ def _shape(q, k) -> _Shape:
     return _Shape(seq, heads, group, gpu_heads_per_tile(group), 1 << max(4, (head_dim - 1).bit_length()))
 
 
+def _segment_ranges(seg, rows: int, cols: int):
+    """(lo, hi) tile ranges of `masking.segment_ranges`, or (None, None) without segment ids."""
+    if seg is None:
+        return None, None
+    return masking.segment_ranges(seg, block_rows=rows, block_cols=cols)
+
+
 def forward(q, k, v, seg, plan: Plan):
     """(B, S, H, D) output and the residuals for `backward`; S is already padded to the block sizes.
 
@@ -297,7 +319,8 @@ def forward(q, k, v, seg, plan: Plan):
     shape = _shape(q, k)
     head_dim = q.shape[-1]
     q, k, v = (_pad_head_dim(x, shape.head_dim) for x in (q, k, v))
-    o, lse = _forward_call(q, k, v, seg, plan, shape)
+    ranges = _segment_ranges(seg, plan.blocks.block_q, plan.blocks.block_k)
+    o, lse = _forward_call(q, k, v, seg, ranges, plan, shape)
     return o[..., :head_dim], (q, k, v, seg, o, lse)
 
 
@@ -308,6 +331,9 @@ def backward(plan: Plan, residuals, do):
     do = _pad_head_dim(do, shape.head_dim)
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): one cheap elementwise pass, left to XLA to fuse.
     delta = jnp.einsum("bshd,bshd->bsh", o.astype(jnp.float32), do.astype(jnp.float32))
-    dk, dv = _dkdv_call(q, k, v, seg, do, lse, delta, plan, shape)
-    dq = _dq_call(q, k, v, seg, do, lse, delta, plan, shape)
+    blocks = plan.blocks
+    dkdv_ranges = _segment_ranges(seg, blocks.block_k_dkv, blocks.block_q_dkv)  # query tiles per key tile
+    dk, dv = _dkdv_call(q, k, v, seg, dkdv_ranges, do, lse, delta, plan, shape)
+    dq_ranges = _segment_ranges(seg, blocks.block_q_dq, blocks.block_k_dq)
+    dq = _dq_call(q, k, v, seg, dq_ranges, do, lse, delta, plan, shape)
     return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]

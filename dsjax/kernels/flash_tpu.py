@@ -9,7 +9,8 @@ matmuls over those rows sum dK/dV over the group.
 Unlike the GPU kernel, the reduction over tiles is a grid axis ("arbitrary": sequential on one core), with
 running state in VMEM scratch; the Pallas pipeline double-buffers the HBM->VMEM copies. Tiles above the
 causal diagonal are skipped with `pl.when`, and their index maps repeat the previous block index, so the
-pipeline does not fetch them either. Per-row statistics (max, sum, log-sum-exp, delta) are kept replicated
+pipeline does not fetch them either. With segment ids, the tile ranges of `masking.segment_ranges` are
+scalar-prefetched into SMEM and narrow the visited steps (and the index maps) the same way. Per-row statistics (max, sum, log-sum-exp, delta) are kept replicated
 across the 128 lanes, the layout Mosaic handles without relayouts.
 
 Grids: forward and dQ (batch, kv_head, query tile, key tile); dK/dV (batch, kv_head, key tile, query tile).
@@ -59,22 +60,63 @@ def _masked_scores(q, k, q0, k0, q_seg_ref, k_seg_ref, plan: Plan, group: int, p
     return jnp.where(mask[None], s.reshape(group, bq, bk), masking.MASK_VALUE).reshape(rows, bk)
 
 
-def _on_tiles(index, ranges, step):
-    """Runs step(position_mask) when `index` lies in one of the ranges [(lo, hi, position_mask)]; indices in
-    none of them are skipped tiles."""
+def _on_tiles(index, ranges, step, segment_range):
+    """Runs step(position_mask) when `index` lies in one of the ranges [(lo, hi, position_mask)], narrowed to
+    `segment_range` (see `_segment_range`); indices in none of them are skipped tiles."""
     for lo, hi, position_mask in ranges:
         if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
             continue  # statically empty (e.g. no padded edge to mask)
+        lo, hi = _narrow(lo, hi, segment_range)
         pl.when((index >= lo) & (index < hi))(functools.partial(step, position_mask))
+
+
+def _segment_range(range_refs, b, t):
+    """(lo, hi) of tile `t` of batch row `b` from the scalar-prefetched `masking.segment_ranges` arrays, or
+    None without segment ids."""
+    if range_refs[0] is None:
+        return None
+    lo_ref, hi_ref = range_refs
+    return lo_ref[b, t], hi_ref[b, t]
+
+
+def _narrow(lo, hi, segment_range):
+    if segment_range is None:
+        return lo, hi
+    return jnp.maximum(lo, segment_range[0]), jnp.minimum(hi, segment_range[1])
+
+
+def _clamp(index, lo, hi):
+    """Index map value for a skipped step: the nearest visited tile of [lo, hi), so nothing new is fetched."""
+    return jnp.minimum(jnp.maximum(index, lo), jnp.maximum(hi - 1, 0))
+
+
+def _pallas_call(kernel, ranges, *, grid, in_specs, out_specs, out_shape, scratch_shapes, plan, name):
+    """pallas_call whose segment ranges (when given) are scalar-prefetched into SMEM: the kernel gets them as
+    its first two refs and every index map as its last two arguments."""
+    prefetch = () if ranges[0] is None else tuple(ranges)
+    call = pl.pallas_call(
+        kernel if prefetch else functools.partial(kernel, None, None),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes,
+        ),
+        out_shape=out_shape,
+        compiler_params=_SEMANTICS,
+        interpret=plan.interpret,
+        name=name,
+    )
+    return lambda *operands: call(*prefetch, *operands)
 
 
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, plan):
+def _forward_kernel(
+    lo_ref, hi_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *, plan
+):
     group, bq, d = q_ref.shape
     bk, rows = plan.blocks.block_k, group * bq
-    i, j = pl.program_id(2), pl.program_id(3)
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     unmasked_end, end = masking.kv_blocks(i, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
 
     @pl.when(j == 0)
@@ -95,7 +137,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, m
         v = v_ref[...]
         acc_ref[...] = acc_ref[...] * _lanes(alpha, d) + dot(p.astype(v.dtype), v)
 
-    _on_tiles(j, [(0, unmasked_end, False), (unmasked_end, end, True)], step)
+    segment_range = _segment_range((lo_ref, hi_ref), b, i)
+    _on_tiles(j, [(0, unmasked_end, False), (unmasked_end, end, True)], step, segment_range)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -105,13 +148,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, o_ref, lse_ref, m
 
 
 def _kv_tile_index(plan: Plan, block_q: int, block_k: int):
-    """Index map for key-side tiles in query-major grids: past the last visible tile, repeat it (no fetch)."""
+    """Index map for key-side tiles in query-major grids: outside the visited tiles, repeat the nearest visited
+    one (no fetch)."""
 
-    def last_visible(i, j):
+    def nearest_visited(b, i, j, *range_refs):
         _, end = masking.kv_blocks(i, block_q=block_q, block_k=block_k, seq_len=plan.seq_len, causal=plan.causal)
-        return jnp.minimum(j, end - 1)
+        lo, hi = _narrow(0, end, _segment_range(range_refs or (None, None), b, i))
+        return _clamp(j, lo, hi)
 
-    return last_visible
+    return nearest_visited
+
+
+def _segment_ranges(seg, rows: int, cols: int):
+    """`masking.segment_ranges` for tiles of `rows` and `cols` positions, or (None, None) without segment ids."""
+    if seg is None:
+        return None, None
+    return masking.segment_ranges(seg, block_rows=rows, block_cols=cols)
 
 
 def _segment_arrays(seg):
@@ -130,19 +182,22 @@ def _forward_call(qt, kt, vt, seg, plan: Plan):
     bq, bk = plan.blocks.block_q, plan.blocks.block_k
     kv_index = _kv_tile_index(plan, bq, bk)
     q_seg, k_seg = _segment_arrays(seg)
-    q_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, i, j: (b, h, 0, i, 0))
-    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h, kv_index(i, j), 0))
-    return pl.pallas_call(
+    q_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, i, j, *r: (b, h, 0, i, 0))
+    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *r: (b, h, kv_index(b, i, j, *r), 0))
+    return _pallas_call(
         functools.partial(_forward_kernel, plan=plan),
+        _segment_ranges(seg, bq, bk),
         grid=(batch, kv_heads, seq // bq, seq // bk),
         in_specs=[
             q_tile, kv_tile, kv_tile,
-            None if seg is None else pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-            None if seg is None else pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_index(i, j))),
+            None if seg is None else pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *r: (b, i, 0)),
+            None if seg is None else pl.BlockSpec(
+                (None, SUBLANES, bk), lambda b, h, i, j, *r: (b, 0, kv_index(b, i, j, *r))
+            ),
         ],
         out_specs=[
             q_tile,
-            pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, i, j: (b, h, 0, i, 0)),
+            pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, i, j, *r: (b, h, 0, i, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(qt.shape, qt.dtype),
@@ -153,8 +208,7 @@ def _forward_call(qt, kt, vt, seg, plan: Plan):
             pltpu.VMEM((group * bq, LANES), jnp.float32),
             pltpu.VMEM((group * bq, d), jnp.float32),
         ],
-        compiler_params=_SEMANTICS,
-        interpret=plan.interpret,
+        plan=plan,
         name="dsjax_flash_fwd_tpu",
     )(qt, kt, vt, q_seg, k_seg)
 
@@ -163,11 +217,12 @@ def _forward_call(qt, kt, vt, seg, plan: Plan):
 
 
 def _dkdv_kernel(
-    q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc, *, plan
+    lo_ref, hi_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    dk_acc, dv_acc, *, plan,
 ):
     group, bq, d = q_ref.shape
     bk, rows = plan.blocks.block_k_dkv, group * bq
-    j, i = pl.program_id(2), pl.program_id(3)
+    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     start, masked_end, end = masking.q_blocks(j, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
 
     @pl.when(i == 0)
@@ -185,7 +240,7 @@ def _dkdv_kernel(
         ds = p * (dp - _lanes(delta_ref[...].reshape(rows, LANES), bk))
         dk_acc[...] += dot(ds.astype(q.dtype), q, TN)
 
-    _on_tiles(i, [(start, masked_end, True), (masked_end, end, False)], step)
+    _on_tiles(i, [(start, masked_end, True), (masked_end, end, False)], step, _segment_range((lo_ref, hi_ref), b, j))
 
     @pl.when(i == pl.num_programs(3) - 1)
     def _finish():
@@ -197,37 +252,43 @@ def _dkdv_call(qt, kt, vt, seg, do_t, lse, delta, plan: Plan):
     batch, kv_heads, group, seq, d = qt.shape
     bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
 
-    def q_index(j, i):
+    def q_index(b, j, i, *range_refs):
         """Query-side tiles outside the visited range repeat the nearest visited one (no fetch)."""
         start, _, end = masking.q_blocks(j, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
-        return jnp.minimum(jnp.maximum(i, start), jnp.maximum(end - 1, 0))
+        return _clamp(i, *_narrow(start, end, _segment_range(range_refs or (None, None), b, j)))
 
     q_seg, k_seg = _segment_arrays(seg)
-    rows_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, j, i: (b, h, 0, q_index(j, i), 0))
-    stats_tile = pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, j, i: (b, h, 0, q_index(j, i), 0))
-    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, j, i: (b, h, j, 0))
-    return pl.pallas_call(
+    rows_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, j, i, *r: (b, h, 0, q_index(b, j, i, *r), 0))
+    stats_tile = pl.BlockSpec(
+        (None, None, group, bq, LANES), lambda b, h, j, i, *r: (b, h, 0, q_index(b, j, i, *r), 0)
+    )
+    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, j, i, *r: (b, h, j, 0))
+    return _pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
+        _segment_ranges(seg, bk, bq),  # query tiles per key tile
         grid=(batch, kv_heads, seq // bk, seq // bq),
         in_specs=[
             rows_tile, kv_tile, kv_tile,
-            None if seg is None else pl.BlockSpec((None, bq, LANES), lambda b, h, j, i: (b, q_index(j, i), 0)),
-            None if seg is None else pl.BlockSpec((None, SUBLANES, bk), lambda b, h, j, i: (b, 0, j)),
+            None if seg is None else pl.BlockSpec(
+                (None, bq, LANES), lambda b, h, j, i, *r: (b, q_index(b, j, i, *r), 0)
+            ),
+            None if seg is None else pl.BlockSpec((None, SUBLANES, bk), lambda b, h, j, i, *r: (b, 0, j)),
             rows_tile, stats_tile, stats_tile,
         ],
         out_specs=[kv_tile, kv_tile],
         out_shape=[jax.ShapeDtypeStruct(kt.shape, kt.dtype), jax.ShapeDtypeStruct(vt.shape, vt.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=_SEMANTICS,
-        interpret=plan.interpret,
+        plan=plan,
         name="dsjax_flash_dkdv_tpu",
     )(qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, *, plan):
+def _dq_kernel(
+    lo_ref, hi_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc, *, plan
+):
     group, bq, d = q_ref.shape
     bk, rows = plan.blocks.block_k_dq, group * bq
-    i, j = pl.program_id(2), pl.program_id(3)
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     unmasked_end, end = masking.kv_blocks(i, block_q=bq, block_k=bk, seq_len=plan.seq_len, causal=plan.causal)
 
     @pl.when(j == 0)
@@ -244,7 +305,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, do_ref, lse_ref, delta
         ds = p * (dp - _lanes(delta_ref[...].reshape(rows, LANES), bk))
         dq_acc[...] += dot(ds.astype(k.dtype), k)
 
-    _on_tiles(j, [(0, unmasked_end, False), (unmasked_end, end, True)], step)
+    _on_tiles(j, [(0, unmasked_end, False), (unmasked_end, end, True)], step, _segment_range((lo_ref, hi_ref), b, i))
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -256,23 +317,25 @@ def _dq_call(qt, kt, vt, seg, do_t, lse, delta, plan: Plan):
     bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
     kv_index = _kv_tile_index(plan, bq, bk)
     q_seg, k_seg = _segment_arrays(seg)
-    rows_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, i, j: (b, h, 0, i, 0))
-    stats_tile = pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, i, j: (b, h, 0, i, 0))
-    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j: (b, h, kv_index(i, j), 0))
-    return pl.pallas_call(
+    rows_tile = pl.BlockSpec((None, None, group, bq, d), lambda b, h, i, j, *r: (b, h, 0, i, 0))
+    stats_tile = pl.BlockSpec((None, None, group, bq, LANES), lambda b, h, i, j, *r: (b, h, 0, i, 0))
+    kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *r: (b, h, kv_index(b, i, j, *r), 0))
+    return _pallas_call(
         functools.partial(_dq_kernel, plan=plan),
+        _segment_ranges(seg, bq, bk),
         grid=(batch, kv_heads, seq // bq, seq // bk),
         in_specs=[
             rows_tile, kv_tile, kv_tile,
-            None if seg is None else pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-            None if seg is None else pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_index(i, j))),
+            None if seg is None else pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *r: (b, i, 0)),
+            None if seg is None else pl.BlockSpec(
+                (None, SUBLANES, bk), lambda b, h, i, j, *r: (b, 0, kv_index(b, i, j, *r))
+            ),
             rows_tile, stats_tile, stats_tile,
         ],
         out_specs=rows_tile,
         out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
         scratch_shapes=[pltpu.VMEM((group * bq, d), jnp.float32)],
-        compiler_params=_SEMANTICS,
-        interpret=plan.interpret,
+        plan=plan,
         name="dsjax_flash_dq_tpu",
     )(qt, kt, vt, q_seg, k_seg, do_t, lse, delta)
 

@@ -12,7 +12,8 @@ Rules:
 Tiles are visited in three kinds: skipped (fully masked by position), masked (straddle the causal diagonal or
 the padding edge: need the element mask) and unmasked (fully visible: no mask arithmetic at all, which is
 most tiles for long sequences). Segment masks cannot be decided per tile from static data, so when segment ids
-are given every visited tile compares them.
+are given every visited tile compares them; `segment_ranges` additionally narrows, from the ids at run time,
+the tiles visited to those that can share a segment (packed short documents skip most of the causal triangle).
 """
 
 from __future__ import annotations
@@ -105,3 +106,28 @@ def positions(start, shape, axis: int, repeat: int = 1) -> jax.Array:
     if repeat > 1:
         idx = lax.div(idx, jnp.int32(repeat))
     return start + idx
+
+
+def _tile_min_max(segment_ids, block: int):
+    tiles = segment_ids.reshape(segment_ids.shape[0], -1, block)
+    return tiles.min(axis=2), tiles.max(axis=2)
+
+
+def segment_ranges(segment_ids, *, block_rows: int, block_cols: int):
+    """For every tile of `block_rows` positions, the tiles [lo, hi) of `block_cols` positions that can hold a
+    position of the same segment: (batch, n_row_tiles) int32 each.
+
+    Tiles whose id ranges [min, max] do not overlap share no id, so every pair between them is masked and the
+    tile is skipped exactly. Correct for any ids; tight when ids never decrease along the sequence, as packing
+    makes them (then a query tile visits only the key tiles of its own documents). Called with query tiles as
+    rows for the forward and dQ kernels, with key tiles as rows for dK/dV. Cost: one (tiles x tiles) comparison
+    per batch row in XLA, e.g. 256 x 64 at 4096 tokens.
+    """
+    row_min, row_max = _tile_min_max(segment_ids, block_rows)
+    col_min, col_max = _tile_min_max(segment_ids, block_cols)
+    overlap = (row_min[:, :, None] <= col_max[:, None, :]) & (col_min[:, None, :] <= row_max[:, :, None])
+    n_cols = overlap.shape[2]
+    # Every tile overlaps the tile(s) holding its own positions, so neither argmax meets an all-False row.
+    lo = jnp.argmax(overlap, axis=2)
+    hi = n_cols - jnp.argmax(overlap[:, :, ::-1], axis=2)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
