@@ -12,6 +12,8 @@ S x S x D matmuls of the forward (4 B Hq S^2 D) and the five of the backward (QK
 then timed over --runs calls, each ended by block_until_ready; the median is reported. The `err` column is
 max |ours - reference| / max |reference| for the forward output (reference: cuDNN on GPU, else XLA).
 
+On a GPU a row `pallas-mosaic` times our Mosaic GPU (Hopper) forward, whose backward is the Triton one.
+
 With --doc_len L a row `pallas+docs` times our kernel on the same batch cut into documents of L tokens (segment
 ids); its FLOPs count only the pairs inside documents (S^2 becomes S*L), so its milliseconds against the `pallas`
 row show what segment-range tile skipping saves.
@@ -84,6 +86,8 @@ def implementations(causal: bool, interpret: bool, blocks: BlockSizes | None, do
     impls = {
         "pallas": lambda q, k, v: flash_attention(q, k, v, causal=causal, interpret=interpret, block_sizes=blocks),
     }
+    if jax.default_backend() == "gpu":  # our Hopper forward (Mosaic GPU), with the Triton backward
+        impls["pallas-mosaic"] = lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="mosaic_gpu")
     if documents is not None:
         impls["pallas+docs"] = lambda q, k, v: flash_attention(
             q, k, v, documents, causal=causal, interpret=interpret, block_sizes=blocks
@@ -135,13 +139,15 @@ def run_table(args, heads, kv_heads, causal, blocks=None, only=None):
             try:
                 seconds = time_modes(attention, q, k, v, do, args.runs)
                 err = ""
-                if name == "pallas" and reference is not None:
+                if name in ("pallas", "pallas-mosaic") and reference is not None:
                     err = f"{relative_error(jax.jit(attention)(q, k, v), reference):.1e}"
             except Exception as error:  # noqa: BLE001 (out of memory, a shape cuDNN refuses): report, go on
                 notes.append(f"{name} at seq {seq}: {_short(error)}")
                 print(f"| {seq} | {batch} | {name} | n/a | n/a | n/a | |")
                 continue
-            row_flops = document_flops(batch, heads, seq, args.head_dim, causal, args.doc_len) if "docs" in name else flops
+            row_flops = flops
+            if "docs" in name:
+                row_flops = document_flops(batch, heads, seq, args.head_dim, causal, args.doc_len)
             cells = [
                 f"{row_flops * factor / seconds[mode] / 1e12:.1f} ({seconds[mode] * 1e3:.2f})"
                 for mode, factor in zip(MODES, (1.0, 2.5, 3.5))

@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' 2>&1 | tee "$out/devices.txt"
 # The test setup defaults to CPU; an empty JAX_PLATFORMS lets jax pick the accelerator.
 JAX_PLATFORMS= DSJAX_KERNEL_TESTS=compiled python3 -m pytest -q -rs \
-  tests/test_kernels.py tests/test_kernels_segments.py 2>&1 | tee "$out/tests.txt"
+  tests/test_kernels.py tests/test_kernels_segments.py tests/test_kernels_mosaic_gpu.py 2>&1 | tee "$out/tests.txt"
 tests_status=$?
 
 if [ "${1:-bench}" = sweep ]; then

@@ -1,8 +1,10 @@
 """Pallas flash attention for dsjax: our own blockwise online-softmax kernels, forward and backward.
 
 - `flash_gpu`: Pallas Triton lowering (NVIDIA incl. H100, AMD), model layout, no transposes.
+- `flash_mosaic_gpu`: Pallas Mosaic GPU forward for Hopper (TMA, wgmma; bfloat16/float16), backend="mosaic_gpu";
+  its backward is `flash_gpu`'s. Asked for by name: a GPU's default stays `flash_gpu`.
 - `flash_tpu`: Mosaic TPU, heads-major layout.
-Both share the masking and tile-skipping rules (`masking`) and the tile sizes (`blocks`); `api` ties them to a
+All share the masking and tile-skipping rules (`masking`) and the tile sizes (`blocks`); `api` ties them to a
 `custom_vjp`. The algorithm, block sizes and measured speed are described in kernels/README.md at the repo root.
 """
 

@@ -9,20 +9,22 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsjax.kernels import flash_gpu, flash_tpu
+from dsjax.kernels import flash_gpu, flash_mosaic_gpu, flash_tpu
 from dsjax.kernels.blocks import BlockSizes, default_blocks, fit_blocks
 from dsjax.kernels.errors import UnsupportedError
 from dsjax.kernels.plan import Plan
 
-KERNELS = {"gpu": flash_gpu, "tpu": flash_tpu}
+KERNELS = {"gpu": flash_gpu, "tpu": flash_tpu, "mosaic_gpu": flash_mosaic_gpu}
+# The platform each kernel runs compiled on (its own name unless listed).
+KERNEL_PLATFORM = {"mosaic_gpu": "gpu"}
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 INTERPRET_ENV = "DSJAX_PALLAS_INTERPRET"
 
 
 def interpret_from_env() -> tuple[bool, str | None]:
     """Reads DSJAX_PALLAS_INTERPRET: unset/0 -> compiled kernels; 1 -> interpret the platform's kernel (the GPU
-    one on CPU); gpu or tpu -> interpret that kernel. Interpret mode runs the kernels as plain XLA ops, slowly,
-    on any platform: it is how tests check them on CPU."""
+    one on CPU); gpu, mosaic_gpu or tpu -> interpret that kernel. Interpret mode runs the kernels as plain XLA
+    ops, slowly, on any platform: it is how tests check them on CPU."""
     value = os.environ.get(INTERPRET_ENV, "").strip().lower()
     if value in ("", "0", "false", "no"):
         return False, None
@@ -34,7 +36,10 @@ def interpret_from_env() -> tuple[bool, str | None]:
 
 
 def select_kernel(backend: str | None, interpret: bool) -> str:
-    """The kernel to run: the platform's own unless `backend` names one; interpreted, any kernel runs anywhere."""
+    """The kernel to run: the platform's own unless `backend` names one; interpreted, any kernel runs anywhere.
+
+    On a GPU the default stays "gpu" (Pallas Triton, any GPU and dtype); "mosaic_gpu" (Hopper only, 16-bit
+    inputs) must be asked for."""
     platform = jax.default_backend()
     if backend is None:
         if platform in KERNELS:
@@ -47,7 +52,7 @@ def select_kernel(backend: str | None, interpret: bool) -> str:
         )
     if backend not in KERNELS:
         raise UnsupportedError(f"backend={backend!r} is not one of {', '.join(KERNELS)}.")
-    if not interpret and backend != platform:
+    if not interpret and KERNEL_PLATFORM.get(backend, backend) != platform:
         raise UnsupportedError(
             f"The {backend} flash-attention kernel cannot run on platform '{platform}' (only interpreted)."
         )
@@ -73,8 +78,9 @@ def flash_attention(
     segment_ids: optional (batch, seq) ints, a token attends only to tokens of its own segment. Scale is
     head_dim ** -0.5, as in the `xla` reference. `block_q`/`block_k` set every kernel's tiles (in positions),
     overriding `block_sizes`, which sets them kernel by kernel; by default each platform picks its own
-    (`dsjax.kernels.blocks`). `backend` is "gpu" (Pallas Triton) or "tpu" (Mosaic); None means this
-    platform's. `interpret=True` runs the kernel as XLA ops on any platform (tests, CPU).
+    (`dsjax.kernels.blocks`). `backend` is "gpu" (Pallas Triton), "mosaic_gpu" (Pallas Mosaic GPU forward for
+    Hopper, bfloat16/float16, with the Triton backward) or "tpu" (Mosaic); None means this platform's.
+    `interpret=True` runs the kernel as XLA ops on any platform (tests, CPU).
     """
     kernel = select_kernel(backend, interpret)
     _check_inputs(q, k, v, segment_ids)

@@ -17,6 +17,10 @@ GPU_MIN_BLOCK = 16
 # TPU: query tiles are sublane-aligned (16 covers bf16 packing); key tiles fill the 128 lanes.
 TPU_MIN_BLOCK_Q = 16
 TPU_MIN_BLOCK_K = 128
+# Mosaic GPU forward: one warpgroup's wgmma covers 64 query rows; key tiles of 64 fill the 128-byte swizzle.
+# Its backward is the Triton one, so the dK/dV and dQ tiles follow the GPU rules.
+MOSAIC_GPU_MIN_BLOCK = 64
+MOSAIC_GPU_MAX_BLOCK_Q = 64  # the accumulator of one warpgroup: 64 rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,8 @@ def gpu_heads_per_tile(group: int) -> int:
 
 
 def default_blocks(backend: str, group: int, head_dim: int) -> BlockSizes:
+    if backend == "mosaic_gpu":
+        return default_blocks("gpu", group, head_dim).replace(block_q=64, block_k=128)
     if backend == "gpu":
         heads = gpu_heads_per_tile(group)
         rows = lambda target: max(GPU_MIN_BLOCK, target // heads)
@@ -71,17 +77,29 @@ def default_blocks(backend: str, group: int, head_dim: int) -> BlockSizes:
 def fit_blocks(blocks: BlockSizes, backend: str, seq_len: int) -> BlockSizes:
     """Shrinks tiles longer than the (power-of-two rounded) sequence, then checks the platform's rules."""
     cap = _pow2_ceil(seq_len)
-    min_q, min_k = (GPU_MIN_BLOCK, GPU_MIN_BLOCK) if backend == "gpu" else (TPU_MIN_BLOCK_Q, TPU_MIN_BLOCK_K)
     fitted = {}
     for field in dataclasses.fields(blocks):
         value = getattr(blocks, field.name)
-        minimum = min_q if field.name.startswith("block_q") else min_k
+        minimum = _min_block(backend, field.name)
         if value < minimum or value & (value - 1):
             raise UnsupportedError(
                 f"{field.name}={value} must be a power of two of at least {minimum} for the {backend} kernel."
             )
+        if backend == "mosaic_gpu" and field.name == "block_q" and value > MOSAIC_GPU_MAX_BLOCK_Q:
+            raise UnsupportedError(
+                f"block_q={value} is above {MOSAIC_GPU_MAX_BLOCK_Q}, the rows of one warpgroup, for the mosaic_gpu "
+                "kernel."
+            )
         fitted[field.name] = max(minimum, min(value, cap))
     return BlockSizes(**fitted)
+
+
+def _min_block(backend: str, field: str) -> int:
+    if backend == "mosaic_gpu":
+        return MOSAIC_GPU_MIN_BLOCK if field in ("block_q", "block_k") else GPU_MIN_BLOCK
+    if backend == "gpu":
+        return GPU_MIN_BLOCK
+    return TPU_MIN_BLOCK_Q if field.startswith("block_q") else TPU_MIN_BLOCK_K
 
 
 def _pow2_ceil(n: int) -> int:

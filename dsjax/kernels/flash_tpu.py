@@ -10,8 +10,9 @@ Unlike the GPU kernel, the reduction over tiles is a grid axis ("arbitrary": seq
 running state in VMEM scratch; the Pallas pipeline double-buffers the HBM->VMEM copies. Tiles above the
 causal diagonal are skipped with `pl.when`, and their index maps repeat the previous block index, so the
 pipeline does not fetch them either. With segment ids, the tile ranges of `masking.segment_ranges` are
-scalar-prefetched into SMEM and narrow the visited steps (and the index maps) the same way. Per-row statistics (max, sum, log-sum-exp, delta) are kept replicated
-across the 128 lanes, the layout Mosaic handles without relayouts.
+scalar-prefetched into SMEM and narrow the visited steps (and the index maps) the same way. Per-row
+statistics (max, sum, log-sum-exp, delta) are kept replicated across the 128 lanes, the layout Mosaic handles
+without relayouts.
 
 Grids: forward and dQ (batch, kv_head, query tile, key tile); dK/dV (batch, kv_head, key tile, query tile).
 """
