@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from dsjax.kernels import BlockSizes, UnsupportedError, flash_attention, masking
+from dsjax.kernels.api import KERNEL_PLATFORM
 from dsjax.model.attention_ops import xla_attention
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1.5e-2, jnp.float16: 2e-3}
@@ -39,8 +40,9 @@ def interpret_for(backend: str) -> bool:
     hardware and skip it elsewhere."""
     if not COMPILED:
         return True
-    if jax.default_backend() != backend:
-        pytest.skip(f"DSJAX_KERNEL_TESTS=compiled: the {backend} kernel needs a {backend}")
+    platform = KERNEL_PLATFORM.get(backend, backend)
+    if jax.default_backend() != platform:
+        pytest.skip(f"DSJAX_KERNEL_TESTS=compiled: the {backend} kernel needs a {platform}")
     return False
 
 
@@ -108,8 +110,11 @@ def _value_and_vjp(attention, q, k, v, do):
     return jax.jit(run)(q, k, v, do)
 
 
-def check_against_reference(case: Case, backend: str, **kernel_args):
-    q, k, v, do, segment_ids = make_inputs(case)
+def check_against_reference(case: Case, backend: str, segment_ids=None, **kernel_args):
+    """Output and dq, dk, dv against float32 `xla` on the same rounded inputs; `segment_ids` replaces the case's
+    own random documents when given."""
+    q, k, v, do, case_segment_ids = make_inputs(case)
+    segment_ids = case_segment_ids if segment_ids is None else segment_ids
     interpret = interpret_for(backend)
     kernel = lambda q, k, v: flash_attention(
         q, k, v, segment_ids, causal=case.causal, interpret=interpret, backend=backend, **kernel_args
@@ -124,7 +129,7 @@ def check_against_reference(case: Case, backend: str, **kernel_args):
     for name, actual, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert actual.shape == expected.shape and actual.dtype == q.dtype, name
         error = relative_error(actual, expected)
-        assert error < tolerance, f"{name}: relative error {error:.2e} above {tolerance:.0e} ({case})"
+        assert error < tolerance, f"{name}: relative error {error:.2e} above {tolerance:.0e} ({case}, {backend})"
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

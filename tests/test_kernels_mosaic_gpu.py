@@ -19,15 +19,7 @@ import pytest
 
 from dsjax.kernels import BlockSizes, UnsupportedError, flash_attention, select_kernel
 from dsjax.kernels.blocks import default_blocks, fit_blocks
-from dsjax.model.attention_ops import xla_attention
-from tests.test_kernels import (
-    TOLERANCE,
-    Case,
-    _value_and_vjp,
-    interpret_for,
-    make_inputs,
-    relative_error,
-)
+from tests.test_kernels import Case, check_against_reference
 from tests.test_kernels_lowering import pretend_h100, verify_triton_ir  # noqa: F401 (fixtures)
 
 BACKEND = "mosaic_gpu"
@@ -46,21 +38,7 @@ BLOCKS = [BlockSizes(64, 64, 64, 32, 16, 64), BlockSizes(64, 128, 32, 64, 32, 32
 
 
 def check(case: Case, **kernel_args):
-    q, k, v, do, segment_ids = make_inputs(case)
-    interpret = interpret_for("gpu")
-    kernel = lambda q, k, v: flash_attention(
-        q, k, v, segment_ids, causal=case.causal, interpret=interpret, backend=BACKEND, **kernel_args
-    )
-    reference = lambda q, k, v: xla_attention(q, k, v, segment_ids, causal=case.causal)
-    out, grads = _value_and_vjp(kernel, q, k, v, do)
-    up = lambda x: x.astype(jnp.float32)
-    ref_out, ref_grads = _value_and_vjp(reference, up(q), up(k), up(v), up(do))
-
-    tolerance = TOLERANCE[case.dtype]
-    for name, actual, expected in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
-        assert actual.shape == expected.shape and actual.dtype == q.dtype, name
-        error = relative_error(actual, expected)
-        assert error < tolerance, f"{name}: relative error {error:.2e} above {tolerance:.0e} ({case})"
+    check_against_reference(case, backend=BACKEND, **kernel_args)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from dsjax.kernels import BlockSizes, flash_attention, masking
-from dsjax.model.attention_ops import xla_attention
-from tests.test_kernels import TOLERANCE, Case, _value_and_vjp, interpret_for, make_inputs, relative_error
+from tests.test_kernels import Case, _value_and_vjp, check_against_reference, interpret_for, make_inputs
 
 
 def _packed_ids(rng, batch, seq, mean_len):
@@ -67,18 +66,7 @@ BLOCKS = {"gpu": BlockSizes(32, 64, 64, 16, 16, 32), "tpu": BlockSizes(32, 128, 
 
 
 def _check(case, backend, segment_ids):
-    q, k, v, do, _ = make_inputs(case)
-    interpret = interpret_for(backend)
-    kernel = lambda q, k, v: flash_attention(
-        q, k, v, segment_ids, causal=case.causal, interpret=interpret, backend=backend, block_sizes=BLOCKS[backend]
-    )
-    reference = lambda q, k, v: xla_attention(q, k, v, segment_ids, causal=case.causal)
-    up = lambda x: x.astype(jnp.float32)
-    results = _value_and_vjp(kernel, q, k, v, do)
-    expected = _value_and_vjp(reference, up(q), up(k), up(v), up(do))
-    for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (results[0], *results[1]), (expected[0], *expected[1])):
-        error = relative_error(actual, wanted)
-        assert error < TOLERANCE[case.dtype], f"{name}: relative error {error:.2e} ({case}, {backend})"
+    check_against_reference(case, backend, segment_ids, block_sizes=BLOCKS[backend])
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

@@ -305,13 +305,6 @@ def _shape(q, k) -> _Shape:
     return _Shape(seq, heads, group, gpu_heads_per_tile(group), 1 << max(4, (head_dim - 1).bit_length()))
 
 
-def _segment_ranges(seg, rows: int, cols: int):
-    """(lo, hi) tile ranges of `masking.segment_ranges`, or (None, None) without segment ids."""
-    if seg is None:
-        return None, None
-    return masking.segment_ranges(seg, block_rows=rows, block_cols=cols)
-
-
 def forward(q, k, v, seg, plan: Plan):
     """(B, S, H, D) output and the residuals for `backward`; S is already padded to the block sizes.
 
@@ -319,7 +312,7 @@ def forward(q, k, v, seg, plan: Plan):
     shape = _shape(q, k)
     head_dim = q.shape[-1]
     q, k, v = (_pad_head_dim(x, shape.head_dim) for x in (q, k, v))
-    ranges = _segment_ranges(seg, plan.blocks.block_q, plan.blocks.block_k)
+    ranges = masking.segment_ranges(seg, block_rows=plan.blocks.block_q, block_cols=plan.blocks.block_k)
     o, lse = _forward_call(q, k, v, seg, ranges, plan, shape)
     return o[..., :head_dim], (q, k, v, seg, o, lse)
 
@@ -332,8 +325,9 @@ def backward(plan: Plan, residuals, do):
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): one cheap elementwise pass, left to XLA to fuse.
     delta = jnp.einsum("bshd,bshd->bsh", o.astype(jnp.float32), do.astype(jnp.float32))
     blocks = plan.blocks
-    dkdv_ranges = _segment_ranges(seg, blocks.block_k_dkv, blocks.block_q_dkv)  # query tiles per key tile
+    # dK/dV programs own key tiles: their ranges are of query tiles.
+    dkdv_ranges = masking.segment_ranges(seg, block_rows=blocks.block_k_dkv, block_cols=blocks.block_q_dkv)
     dk, dv = _dkdv_call(q, k, v, seg, dkdv_ranges, do, lse, delta, plan, shape)
-    dq_ranges = _segment_ranges(seg, blocks.block_q_dq, blocks.block_k_dq)
+    dq_ranges = masking.segment_ranges(seg, block_rows=blocks.block_q_dq, block_cols=blocks.block_k_dq)
     dq = _dq_call(q, k, v, seg, dq_ranges, do, lse, delta, plan, shape)
     return dq[..., :head_dim], dk[..., :head_dim], dv[..., :head_dim]

@@ -280,7 +280,7 @@ def forward(q, k, v, seg, plan: Plan):
     if padded != head_dim:
         q, k, v = (jnp.pad(x, [(0, 0)] * 3 + [(0, padded - head_dim)]) for x in (q, k, v))
     blocks = plan.blocks
-    ranges = () if seg is None else masking.segment_ranges(seg, block_rows=blocks.block_q, block_cols=blocks.block_k)
+    ranges = masking.segment_ranges(seg, block_rows=blocks.block_q, block_cols=blocks.block_k)
     o, lse = _forward_call(q, k, v, seg, ranges, plan)
     return o[..., :head_dim], (q, k, v, seg, o, lse)
 

@@ -160,13 +160,6 @@ def _kv_tile_index(plan: Plan, block_q: int, block_k: int):
     return nearest_visited
 
 
-def _segment_ranges(seg, rows: int, cols: int):
-    """`masking.segment_ranges` for tiles of `rows` and `cols` positions, or (None, None) without segment ids."""
-    if seg is None:
-        return None, None
-    return masking.segment_ranges(seg, block_rows=rows, block_cols=cols)
-
-
 def _segment_arrays(seg):
     """Query ids lane-broadcast (B, S, 128) and key ids sublane-broadcast (B, 8, S): tile-shaped blocks."""
     if seg is None:
@@ -187,7 +180,7 @@ def _forward_call(qt, kt, vt, seg, plan: Plan):
     kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *r: (b, h, kv_index(b, i, j, *r), 0))
     return _pallas_call(
         functools.partial(_forward_kernel, plan=plan),
-        _segment_ranges(seg, bq, bk),
+        masking.segment_ranges(seg, block_rows=bq, block_cols=bk),
         grid=(batch, kv_heads, seq // bq, seq // bk),
         in_specs=[
             q_tile, kv_tile, kv_tile,
@@ -266,7 +259,7 @@ def _dkdv_call(qt, kt, vt, seg, do_t, lse, delta, plan: Plan):
     kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, j, i, *r: (b, h, j, 0))
     return _pallas_call(
         functools.partial(_dkdv_kernel, plan=plan),
-        _segment_ranges(seg, bk, bq),  # query tiles per key tile
+        masking.segment_ranges(seg, block_rows=bk, block_cols=bq),  # query tiles per key tile
         grid=(batch, kv_heads, seq // bk, seq // bq),
         in_specs=[
             rows_tile, kv_tile, kv_tile,
@@ -323,7 +316,7 @@ def _dq_call(qt, kt, vt, seg, do_t, lse, delta, plan: Plan):
     kv_tile = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, *r: (b, h, kv_index(b, i, j, *r), 0))
     return _pallas_call(
         functools.partial(_dq_kernel, plan=plan),
-        _segment_ranges(seg, bq, bk),
+        masking.segment_ranges(seg, block_rows=bq, block_cols=bk),
         grid=(batch, kv_heads, seq // bq, seq // bk),
         in_specs=[
             rows_tile, kv_tile, kv_tile,

@@ -121,8 +121,10 @@ def segment_ranges(segment_ids, *, block_rows: int, block_cols: int):
     tile is skipped exactly. Correct for any ids; tight when ids never decrease along the sequence, as packing
     makes them (then a query tile visits only the key tiles of its own documents). Called with query tiles as
     rows for the forward and dQ kernels, with key tiles as rows for dK/dV. Cost: one (tiles x tiles) comparison
-    per batch row in XLA, e.g. 256 x 64 at 4096 tokens.
+    per batch row in XLA, e.g. 256 x 64 at 4096 tokens. Without segment ids: (None, None).
     """
+    if segment_ids is None:
+        return None, None
     row_min, row_max = _tile_min_max(segment_ids, block_rows)
     col_min, col_max = _tile_min_max(segment_ids, block_cols)
     overlap = (row_min[:, :, None] <= col_max[:, None, :]) & (col_min[:, None, :] <= row_max[:, :, None])
