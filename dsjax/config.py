@@ -1,4 +1,5 @@
-"""Run configuration: ml_collections ConfigDicts with sections model, data, optim, train, checkpoint, mesh, eval, log.
+"""Run configuration: ml_collections ConfigDicts with sections model, data, optim, train, checkpoint, mesh, eval, log,
+and one section per task that has keys of its own (`config.task` picks the task: pretrain, later sft and dpo).
 
 `default_config()` holds every key with its default; the files in `configs/` start from it and change what their run
 needs. `load_config("tiny")` (a name in `configs/`) or `load_config("path/to/file.py")` imports the file, calls its
@@ -8,15 +9,22 @@ needs. `load_config("tiny")` (a name in `configs/`) or `load_config("path/to/fil
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 from pathlib import Path
 
 from ml_collections import config_dict
 
-from dsjax.model.config import ConfigError, ModelConfig
+from dsjax.errors import ConfigError
+from dsjax.model.config import ModelConfig
 from dsjax.sharding import DEFAULT_RULES, MESH_AXES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The names config keys may take; the modules that implement them (dsjax/train/optimizer.py, dsjax/train/tasks/)
+# import these, so validation needs nothing from the trainer.
+SCHEDULES = ("multistep", "cosine", "wsd")
+TASKS = ("pretrain",)
 
 
 def _model_defaults() -> config_dict.ConfigDict:
@@ -123,6 +131,8 @@ def default_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
     config.name = "default"
     config.seed = 0
+    # What is trained: pretrain (next-token prediction on data.datasets); sft and dpo arrive with their tasks.
+    config.task = "pretrain"
     config.model = _model_defaults()
     config.data = _data_defaults()
     config.optim = _optim_defaults()
@@ -168,7 +178,10 @@ def validate(config: config_dict.ConfigDict) -> None:
 def validate_train(config: config_dict.ConfigDict) -> None:
     """Checks the keys the trainer reads; the mesh-dependent batch checks happen once the mesh exists."""
     validate(config)
-    from dsjax.train.optimizer import SCHEDULES
+    if config.task not in TASKS:
+        close = difflib.get_close_matches(str(config.task), TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"task={config.task!r} is not one of {', '.join(TASKS)}{hint}.")
 
     def positive(key, allow_zero=False, allow_none=False):
         section, name = key.split(".")

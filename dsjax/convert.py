@@ -10,22 +10,45 @@ Errors a user can cause end with one sentence on stderr and exit code 2; nothing
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
+from pathlib import Path
 
+from dsjax import checkpoint
+from dsjax.errors import CheckpointError, CheckpointNotFound, ConfigError, DataError
 from dsjax.interop import hf
-from dsjax.model import ConfigError, param_count
-from dsjax.train import checkpoint
+from dsjax.data.tokenizer import load_tokenizer
+from dsjax.model import param_count
 
 
 def import_hf(src, dst, dtype=None, overwrite=False):
     model = hf.load_model(src, dtype=dtype)
-    path = checkpoint.save_model(model, dst, overwrite=overwrite, meta={"source": f"hf:{src}"})
+    hf_config = json.loads((Path(src) / "config.json").read_text())
+    special = {k: hf_config[f"{k[:3]}_token_id"] for k in ("bos_id", "eos_id") if f"{k[:3]}_token_id" in hf_config}
+    path = checkpoint.save_params(model, dst, overwrite=overwrite, meta={"source": f"hf:{src}", "tokenizer": special})
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # generation and evaluation find it beside the model
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
     print(f"imported {param_count(model):,} parameters from {src} into {path}")
+
+
+def special_ids(src) -> tuple[int | None, int | None]:
+    """bos and eos ids of the model at `src`: recorded in its meta, else read from the tokenizer beside it."""
+    recorded = checkpoint.checkpoint_meta(src).get("tokenizer") or {}
+    if recorded.get("bos_id") is not None:
+        return recorded["bos_id"], recorded.get("eos_id")
+    found = checkpoint.find_tokenizer(src)
+    if found is None:
+        return None, None
+    tok = load_tokenizer(found)
+    return tok.bos_id, tok.eos_id
 
 
 def export_hf(src, dst, dtype=None, overwrite=False):
     model = checkpoint.restore_model(src)
-    path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite)
+    bos, eos = special_ids(src)
+    path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite, bos_token_id=bos, eos_token_id=eos)
     print(f"exported {param_count(model):,} parameters from {src} to {path}")
 
 
@@ -40,7 +63,7 @@ def main(argv=None) -> int:
     run = import_hf if args.command == "import-hf" else export_hf
     try:
         run(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-    except (hf.CheckpointError, checkpoint.CheckpointNotFound, FileExistsError, ConfigError) as err:
+    except (CheckpointError, CheckpointNotFound, FileExistsError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,13 @@
-"""python -m dsjax.main --config=NAME [--config.section.key=value ...] [--workdir=DIR] [--profile]
+"""python -m dsjax.main --config=NAME [--config.section.key=value ...] [--workdir=DIR] [--restart] [--profile]
 
-NAME is a file in configs/ (tiny, 7b, 67b) or a path to a config .py file; with no flags it trains `tiny` on the
-built-in corpus. The workdir (default runs/NAME) holds checkpoints, metrics.jsonl and TensorBoard events; running the
-same command again resumes from its newest checkpoint.
+NAME is a file in configs/ or a path to a config .py file; with no flags it trains `tiny` on the built-in corpus.
+The config's `task` key says what is trained (pretrain; sft and dpo as they land). The workdir (default runs/NAME)
+holds checkpoints, metrics.jsonl, TensorBoard events, the resolved config.json and the tokenizer; running the same
+command again resumes from its newest checkpoint.
+
+Exit codes: 0 done; 1 the loss went non-finite; 2 a mistake in the config, data or workdir (one sentence on
+stderr, nothing written); 128 + the signal (143 for SIGTERM, 130 for Ctrl-C) when stopped by a signal after saving a
+checkpoint the same command resumes from.
 """
 
 from __future__ import annotations
@@ -13,8 +18,26 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from dsjax.config import load_config, resolve_config_path
-from dsjax.model.config import ConfigError
+from dsjax.config import CONFIG_DIR, load_config, resolve_config_path
+from dsjax.errors import CheckpointError, CheckpointNotFound, ConfigError, DataError
+
+FLAGS_HELP = (
+    ("--config=NAME", "a config in configs/ or a path to a .py file defining get_config() (default: tiny)"),
+    ("--config.SECTION.KEY=VALUE", "override any key, e.g. --config.train.steps=100 --config.optim.lr=1e-3"),
+    ("--workdir=DIR", "where the run lives (default runs/NAME); the same command resumes from it"),
+    ("--restart", "start the run in DIR over from step 0, moving its old checkpoints and metrics aside"),
+    ("--profile", "record a jax.profiler trace of steps 3-6 into WORKDIR/profile"),
+    ("--distributed", "multi-host: call jax.distributed.initialize() first (TPU pods, SLURM, Open MPI)"),
+    ("-h, --help", "this help"),
+)
+
+
+def usage() -> str:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+    flags_text = "\n".join(f"  {flag:<30} {text}" for flag, text in FLAGS_HELP)
+    return (f"{__doc__.strip()}\n\nflags:\n{flags_text}\n\nnamed configs: {', '.join(names)} (in {CONFIG_DIR})\n"
+            "every config key, with its default and a comment: dsjax/config.py; the keys scripts rely on: README.md, "
+            "section Training.\n")
 
 
 def _config_path(argv: list[str]) -> tuple[list[str], str]:
@@ -53,6 +76,9 @@ def _check_override_keys(argv: list[str], config) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "-help", "--helpfull", "--helpshort") for arg in argv[1:]):
+        print(usage())
+        return 0
     try:
         argv, name = _config_path(argv)
         _check_override_keys(argv, load_config(name))
@@ -65,6 +91,7 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("profile", False, "record a jax.profiler trace of a few steps into WORKDIR/profile",
                       flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)", flag_values=fv)
+    flags.DEFINE_bool("restart", False, "start over from step 0, moving old checkpoints aside", flag_values=fv)
     saved_argv, sys.argv = sys.argv, argv  # config_flags discovers --config.* overrides from sys.argv
     try:
         fv(argv)
@@ -77,20 +104,25 @@ def main(argv=None) -> int:
     import jax
 
     from dsjax.config import validate
-    from dsjax.train.loop import NonFiniteError, train
+    from dsjax.train.trainer import NonFiniteError, train
 
     if fv.distributed:
         jax.distributed.initialize()
     config = fv.config
     try:
         validate(config)
-        result = train(config, fv.workdir or f"runs/{config.name}", profile=fv.profile)
-    except (ConfigError, MemoryError) as err:
+        result = train(config, fv.workdir or f"runs/{config.name}", restart=fv.restart, profile=fv.profile)
+    except (ConfigError, DataError, CheckpointError, CheckpointNotFound, MemoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if result.get("preempted"):
+        signum = result["preempted"]
+        print(f"stopped by {signum.name} at step {result['step']} (preempted): the checkpoint is saved and the same "
+              f"command resumes from it; exit code {128 + int(signum)}.")
+        return 128 + int(signum)
     numbers = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "step" and isinstance(v, float))
     print(f"done: step {result.get('step')}" + (f", {numbers}" if numbers else " (the run was already complete)"))
     return 0

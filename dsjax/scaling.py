@@ -27,7 +27,7 @@ import numbers
 import re
 import sys
 
-from dsjax.model.config import ConfigError
+from dsjax.errors import ConfigError
 
 # The paper's fitted coefficients (coefficient, exponent), in FLOPs.
 LR_FIT = (0.3118, -0.1250)

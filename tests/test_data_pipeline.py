@@ -7,7 +7,7 @@ import pytest
 
 from dsjax.config import default_config
 from dsjax.data import mixture, pipeline, prepare
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 from dsjax.errors import ConfigError
 from tests.test_data_common import (
     batch_pair_codes, pair_codes, read_split, stdlib_texts, train_small_tokenizer, write_jsonl,

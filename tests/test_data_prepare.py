@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dsjax.data import encoding, prepare, records
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 from tests.test_data_common import read_split, stdlib_texts, train_small_tokenizer, write_jsonl
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from dsjax.data import tokenizer as tk
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 from dsjax.errors import ConfigError
 from tests.test_data_common import stdlib_texts, train_small_tokenizer
 

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dsjax.interop.hf import CheckpointError, load_model, save_model
-from dsjax.train import checkpoint
+from dsjax import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -173,7 +173,7 @@ def test_save_refuses_to_overwrite(tmp_path):
     model = load_model(tmp_path / "src")
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+    with pytest.raises(CheckpointError, match="already exists and is not empty; pass --overwrite"):
         save_model(model, tmp_path / "dst")
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no partial directory left behind

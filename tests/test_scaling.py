@@ -14,7 +14,7 @@ import pytest
 
 from dsjax import scaling
 from dsjax.config import load_config, model_config
-from dsjax.model.config import ConfigError
+from dsjax.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

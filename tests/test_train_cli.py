@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsjax.train.checkpoint import TrainCheckpointer, restore_model
+from dsjax.checkpoint import restore_model
+from dsjax.convert import main as convert
+from dsjax.data.tokenizer import load_tokenizer
+from dsjax.train.checkpoint import TrainCheckpointer
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 20
@@ -64,6 +67,18 @@ def params(workdir):
     return jax.tree.leaves(nnx.to_pure_dict(nnx.state(restore_model(workdir), nnx.Param)))
 
 
+def check_export(workdir, out):
+    """The workdir carries its tokenizer; export-hf writes its special ids and a directory others can read."""
+    tok = load_tokenizer(workdir / "tokenizer.model")
+    assert convert(["export-hf", str(workdir), str(out)]) == 0
+    hf_config = json.loads((out / "config.json").read_text())
+    assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert convert(["export-hf", str(workdir), str(out)]) == 2  # exists: refused, and the message names the flag
+
+
 def test_kill_and_resume_is_bit_identical(tmp_path, env):
     code, out = finish(start(tmp_path / "full", env, "--profile"))
     assert code == 0, out
@@ -73,6 +88,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     baseline = [r for r in records if r["step"] == 0]  # evaluated before training: near-uniform logits
     assert len(baseline) == 1 and abs(baseline[0]["eval_loss"] - np.log(4096)) < 0.05
+    check_export(tmp_path / "full", tmp_path / "hf")
 
     run = tmp_path / "interrupted"
     proc = start(run, env)
@@ -86,8 +102,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     wait_for_step(proc, run, killed_at + 1)
     proc.send_signal(signal.SIGTERM)  # a clean stop: a checkpoint at the step it was on
     code, out = finish(proc)
-    assert code == 0, out
-    assert "SIGTERM received: saved checkpoint" in out
+    assert code == 143, out  # preempted, not done: a scheduler must see that the job did not finish
+    assert "SIGTERM received: saved checkpoint" in out and "(preempted)" in out
     stopped_at = max(TrainCheckpointer(run, 3).steps())
     assert killed_at < stopped_at < STEPS
 

@@ -9,8 +9,8 @@ from flax import nnx
 
 from dsjax import sharding as shd
 from dsjax.config import model_config
-from dsjax.train.checkpoint import restore_model
-from dsjax.train.loop import train
+from dsjax.checkpoint import restore_model
+from dsjax.train.trainer import train
 from dsjax.train.optimizer import make_optimizer, make_schedule
 from dsjax.train.state import create_state, state_shardings
 from tests.train_utils import small_config, synthetic_task

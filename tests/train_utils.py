@@ -3,8 +3,8 @@
 import numpy as np
 
 from dsjax.config import load_config
-from dsjax.train.loop import Task
 from dsjax.train.loss import next_token_loss
+from dsjax.train.tasks import Task
 
 VOCAB = 128
 
@@ -44,11 +44,35 @@ class SyntheticLoader:
         self.index = state["index"]
 
 
-def synthetic_task():
-    def data(config, split, *, seq_len, global_batch_size, process_index=0, process_count=1, num_epochs=None):
-        return SyntheticLoader(config.seed, split, seq_len, global_batch_size, process_index, process_count, num_epochs)
+class SyntheticTask(Task):
+    """Next-token loss on SyntheticLoader batches; bits-per-byte as if every token were 3 bytes."""
 
-    return Task(loss_fn=next_token_loss, data=data, eval_bytes_per_token=lambda config: 3.0)
+    name = "synthetic"
+    loader = SyntheticLoader
+
+    def _data(self, split, num_epochs, global_batch_size, process_index, process_count):
+        return self.loader(self.config.seed, split, self.config.train.seq_len, global_batch_size, process_index,
+                           process_count, num_epochs)
+
+    def train_data(self, *, global_batch_size, process_index, process_count):
+        return self._data("train", None, global_batch_size, process_index, process_count)
+
+    def val_data(self, *, global_batch_size, process_index, process_count):
+        return self._data("val", 1, global_batch_size, process_index, process_count)
+
+    def loss(self, model, batch, frozen):
+        loss_sum, weight_sum = next_token_loss(model, batch)
+        return loss_sum, weight_sum, {}
+
+    def summarize(self, means, prefix):
+        out = super().summarize(means, prefix)
+        if prefix == "eval_":
+            out["eval_bpb"] = means["loss"] / np.log(2) / 3.0
+        return out
+
+
+def synthetic_task():
+    return SyntheticTask
 
 
 def small_config(**train):

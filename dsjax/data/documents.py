@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty")
@@ -25,19 +25,21 @@ REASONS = ("invalid_utf8", "invalid_json", "missing_field", "empty")
 class Document:
     text: str
     location: str  # "file:line" (or "file:row N" for parquet), for messages
+    split: str | None = None  # "train" or "val" when the input decides (prepare --val_input), else by text hash
 
 
 class Skipped:
-    """Counts of skipped documents by reason, and the first few locations to show the user."""
+    """Counts of skipped documents (or rows: `noun`) by reason, and the first few locations to show the user."""
 
     MAX_EXAMPLES = 10
 
-    def __init__(self):
-        self.counts: collections.Counter[str] = collections.Counter({reason: 0 for reason in REASONS})
+    def __init__(self, reasons: Sequence[str] = REASONS, noun: str = "documents"):
+        self.counts: collections.Counter[str] = collections.Counter({reason: 0 for reason in reasons})
         self.examples: list[str] = []
+        self.noun = noun
 
     def add(self, reason: str, location: str, detail: str, count: int = 1) -> None:
-        assert reason in REASONS, reason
+        assert reason in self.counts, reason
         self.counts[reason] += count
         if len(self.examples) < self.MAX_EXAMPLES:
             self.examples.append(f"{location}: {detail}")
@@ -51,7 +53,7 @@ class Skipped:
 
     def report(self, stream) -> None:
         if self.total:
-            print(f"skipped {self.total} documents ({self.summary()}); first ones:", file=stream)
+            print(f"skipped {self.total} {self.noun} ({self.summary()}); first ones:", file=stream)
             for example in self.examples:
                 print(f"  {example}", file=stream)
 
@@ -134,6 +136,18 @@ def read_text_file(path: Path, skipped: Skipped, on_bytes=lambda n: None) -> Ite
 
 
 def _read_jsonl(path: Path, text_field: str, skipped: Skipped, on_bytes) -> Iterator[Document]:
+    for record, location in read_jsonl_records(path, skipped, on_bytes):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            skipped.add("missing_field", location, f"no string field {text_field!r}")
+            continue
+        doc = as_document(text, location, skipped)
+        if doc:
+            yield doc
+
+
+def read_jsonl_records(path: Path, skipped: Skipped, on_bytes=lambda n: None) -> Iterator[tuple[object, str]]:
+    """(parsed JSON value, "file:line") of every non-blank line; undecodable lines are skipped and counted."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             on_bytes(len(raw))
@@ -146,28 +160,52 @@ def _read_jsonl(path: Path, text_field: str, skipped: Skipped, on_bytes) -> Iter
                 skipped.add("invalid_utf8", location, f"invalid UTF-8 byte at column {e.start + 1}")
                 continue
             try:
-                record = json.loads(line)
+                yield json.loads(line), location
             except json.JSONDecodeError as e:
                 skipped.add("invalid_json", location, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                skipped.add("missing_field", location, f"no string field {text_field!r}")
-                continue
-            doc = as_document(text, location, skipped)
-            if doc:
-                yield doc
 
 
-def _read_parquet(path: Path, text_field: str, skipped: Skipped, on_bytes) -> Iterator[Document]:
+def open_parquet(path: Path):
+    """A pyarrow ParquetFile, or one sentence on why not."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow).") from None
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid and friends for a file that is not parquet.
         raise DataError(f"{path} is not a readable parquet file ({e}).") from None
+
+
+def read_records(paths: Sequence[Path], columns: Sequence[str], skipped: Skipped,
+                 on_bytes: Callable[[int], None] | None = None) -> Iterator[tuple[object, str]]:
+    """(record, location) of every `.jsonl` line and `.parquet` row (as a dict of the `columns` it has), for
+    inputs whose records are more than one text field (conversations); `.txt` files are refused."""
+    on_bytes = on_bytes or (lambda n: None)
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from read_jsonl_records(path, skipped, on_bytes)
+        elif path.suffix == ".parquet":
+            parquet = open_parquet(path)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            if not present:  # every row lacks the fields: count each one
+                for row in range(1, parquet.metadata.num_rows + 1):
+                    yield {}, f"{path}:row {row}"
+                on_bytes(path.stat().st_size)
+                continue
+            bytes_per_row = path.stat().st_size / max(parquet.metadata.num_rows, 1)
+            row = 0
+            for batch in parquet.iter_batches(columns=present, batch_size=1024):
+                for record in batch.to_pylist():
+                    row += 1
+                    yield record, f"{path}:row {row}"
+                on_bytes(int(bytes_per_row * batch.num_rows))
+        else:
+            raise DataError(f"input {path} is not a .jsonl or .parquet file; conversations come in those only.")
+
+
+def _read_parquet(path: Path, text_field: str, skipped: Skipped, on_bytes) -> Iterator[Document]:
+    parquet = open_parquet(path)
     rows = parquet.metadata.num_rows
     if text_field not in parquet.schema_arrow.names:
         skipped.add("missing_field", f"{path}", f"no column {text_field!r} in {rows} rows", count=rows)

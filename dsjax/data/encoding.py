@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 from dsjax.data.tokenizer import Tokenizer, load_tokenizer
 
 PARALLEL_CHARS = 1 << 20  # smaller batches are encoded in this process

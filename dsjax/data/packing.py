@@ -113,3 +113,148 @@ class _PackedRowsIterator(grain.DatasetIterator):
         if state["doc"] >= 0:
             self._chunk = next(self._parent)
             self._chunk_parent_state, self._doc, self._offset = state["parent"], state["doc"], state["offset"]
+
+
+class PackedConversationsIterDataset(grain.IterDataset):
+    """Chunks of conversations ((2, n) int32 arrays: token ids, per-token loss weights) -> rows of `seq_len` pairs.
+
+    Unlike documents, a conversation is never split across rows: a piece without its prompt would train answers on
+    questions the model cannot see. Rows fill in stream order (next fit): a conversation that does not fit in what
+    is left of a row starts the next one, and the rest of the row is padding. With `packing=False` every row holds
+    one conversation. One longer than seq_len + 1 tokens keeps its first seq_len pairs (prepare --max_len cuts them
+    beforehand, counted). The row layout is `empty_row`'s, except:
+
+      loss_weights  the stored weight of each pair's target token: 1 where the target is an assistant token or the
+                    eos closing an assistant turn (chat.py), 0 on prompt targets and padding
+      segment_ids   1, 2, ... per conversation, 0 on padding; positions restart at 0 in each
+
+    so the first token of a conversation (bos) is never a target, of the previous one or any other. The state is the
+    same JSON dict as for documents (offset is always 0).
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, packing: bool = True):
+        super().__init__(parent)
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}.")
+        self._seq_len, self._pad_id, self._packing = seq_len, pad_id, packing
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackedConversationsIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._packing)
+
+    def __str__(self) -> str:
+        return f"PackedConversationsIterDataset(seq_len={self._seq_len}, packing={self._packing})"
+
+
+def conversation_rows(lengths, seq_len: int, packing: bool = True) -> int:
+    """Rows that PackedConversationsIterDataset makes of conversations of these token lengths, in this order."""
+    rows, filled = 0, seq_len
+    for n in lengths:
+        pairs = min(int(n) - 1, seq_len)
+        if pairs <= 0:
+            continue
+        if not packing or filled + pairs > seq_len:
+            rows, filled = rows + 1, 0
+        filled += pairs
+    return rows
+
+
+class _PackedConversationsIterator(_PackedRowsIterator):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, packing: bool):
+        super().__init__(parent, seq_len, pad_id)
+        self._packing = packing
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        row = empty_row(self._seq_len, self._pad_id)
+        filled, segment = 0, 0
+        while filled < self._seq_len and not (segment and not self._packing):
+            conv = self._current_document()
+            if conv is None:
+                break
+            take = min(conv.shape[1] - 1, self._seq_len)
+            if take > 0:
+                if filled + take > self._seq_len:
+                    break  # it starts the next row
+                end = filled + take
+                segment += 1
+                row["tokens"][filled:end] = conv[0, :take]
+                row["targets"][filled:end] = conv[0, 1 : take + 1]
+                row["loss_weights"][filled:end] = conv[1, 1 : take + 1]
+                row["segment_ids"][filled:end] = segment
+                row["positions"][filled:end] = self._arange[:take]
+                filled = end
+            self._doc, self._offset = self._doc + 1, 0
+        if filled == 0:
+            raise StopIteration
+        return row
+
+
+class PackedPairsIterDataset(grain.IterDataset):
+    """Chunks of preference pairs (a (2, n) record: the chosen conversation, then the rejected one from its own bos)
+    -> row pairs for DPO: each item is a dict of (2, seq_len) arrays, [0] the chosen row and [1] the rejected row.
+
+    The two rows are packed in step (next fit, whole conversations, as PackedConversationsIterDataset): a pair goes
+    in when its chosen conversation fits the chosen row and its rejected one the rejected row, and it gets the same
+    segment id in both. So segment s of the chosen row and segment s of the rejected row are the two responses of
+    one pair; their loss_weights mark the reply tokens and eos whose log-probs DPO sums (no prompt token). With
+    `packing=False` each row pair holds one pair.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, bos_id: int, packing: bool = True):
+        super().__init__(parent)
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be positive, got {seq_len}.")
+        self._seq_len, self._pad_id, self._bos_id, self._packing = seq_len, pad_id, bos_id, packing
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackedPairsIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._bos_id, self._packing)
+
+    def __str__(self) -> str:
+        return f"PackedPairsIterDataset(seq_len={self._seq_len}, packing={self._packing})"
+
+
+def split_pair(record: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A pair record -> (chosen, rejected) (2, n) arrays, split where the second bos starts the rejected one."""
+    second = int(np.flatnonzero(record[0] == bos_id)[1])
+    return record[:, :second], record[:, second:]
+
+
+def pair_rows(pair_lengths, seq_len: int, packing: bool = True) -> int:
+    """Row pairs that PackedPairsIterDataset makes of pairs with these (chosen, rejected) token lengths."""
+    rows, filled = 0, (seq_len, seq_len)
+    for nc, nr in pair_lengths:
+        take = (min(int(nc) - 1, seq_len), min(int(nr) - 1, seq_len))
+        if not packing or filled[0] + take[0] > seq_len or filled[1] + take[1] > seq_len:
+            rows, filled = rows + 1, (0, 0)
+        filled = (filled[0] + take[0], filled[1] + take[1])
+    return rows
+
+
+class _PackedPairsIterator(_PackedRowsIterator):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, bos_id: int, packing: bool):
+        super().__init__(parent, seq_len, pad_id)
+        self._bos_id, self._packing = bos_id, packing
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        halves = [empty_row(self._seq_len, self._pad_id) for _ in range(2)]
+        filled, segment = [0, 0], 0
+        while not (segment and not self._packing):
+            record = self._current_document()
+            if record is None:
+                break
+            sides = split_pair(record, self._bos_id)
+            takes = [min(side.shape[1] - 1, self._seq_len) for side in sides]
+            if any(f + t > self._seq_len for f, t in zip(filled, takes)):
+                break  # it starts the next row pair
+            segment += 1
+            for row, side, take, i in zip(halves, sides, takes, range(2)):
+                start, end = filled[i], filled[i] + take
+                row["tokens"][start:end] = side[0, :take]
+                row["targets"][start:end] = side[0, 1 : take + 1]
+                row["loss_weights"][start:end] = side[1, 1 : take + 1]
+                row["segment_ids"][start:end] = segment
+                row["positions"][start:end] = self._arange[:take]
+                filled[i] = end
+            self._doc, self._offset = self._doc + 1, 0
+        if segment == 0:
+            raise StopIteration
+        return {k: np.stack([halves[0][k], halves[1][k]]) for k in FIELDS}

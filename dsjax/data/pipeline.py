@@ -12,6 +12,19 @@ anyway: JAX dispatches a train step asynchronously.
 "train" is shuffled and endless unless num_epochs is given; "val" is one pass in stored order, padded with empty
 batches so that every process yields the same number (`num_batches`), as multi-host evaluation needs.
 
+Chat datasets (prepare --format=chat) go through the same stages and give the same batch dict; their records are
+conversations with per-token loss weights, packed whole (packing.PackedConversationsIterDataset): `loss_weights`
+is 1 exactly where the target is a trained assistant token, several conversations share a row unless
+`packing=False` (one per row, padded). `Loader.data_format` says which kind a loader reads; a mixture needs one.
+
+Preference datasets (prepare --format=preference, for DPO) give the same five keys in row pairs: rows 2k and 2k+1
+of every batch are the chosen and the rejected row of the same pairs, packed in step, and segment s of row 2k and
+segment s of row 2k+1 are the chosen and rejected responses of one pair (packing.PackedPairsIterDataset). So the
+pair of a token is (row // 2, segment id), `batch[k].reshape(-1, 2, seq_len)` puts chosen at [:, 0] and rejected
+at [:, 1], a response's log-probability is the sum of log p(target) * loss_weights over its segment, and pairs never
+straddle processes or devices as long as each holds an even number of rows (global_batch_size counts rows: it must
+be even per process; with packing=False a batch holds global_batch_size / 2 pairs). Padding rows come in pairs too.
+
 The `data` config keys read here (defaults in dsjax/config.py `_data_defaults`):
   data.datasets     "builtin" (the stdlib corpus, see corpus.py) or comma-separated prepared dataset directories
   data.weights      comma-separated shares of training tokens, one per dataset; None: each in proportion to its size
@@ -35,7 +48,8 @@ import grain
 import numpy as np
 
 from dsjax.data import corpus, mixture, packing, prepare, records
-from dsjax.data.errors import DataError
+from dsjax.data import packing as packing_module  # make_loader's `packing` argument shadows the module name
+from dsjax.errors import DataError
 from dsjax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 from dsjax.errors import ConfigError
 
@@ -81,6 +95,14 @@ def tokenizer_path(sources: list[Source]) -> Path:
 def load_config_tokenizer(config) -> Tokenizer:
     """The tokenizer of the config's datasets, for decoding samples."""
     return load_tokenizer(tokenizer_path(resolve_sources(config)))
+
+
+def source_format(sources: list[Source]) -> str:
+    """"text", "chat" or "preference", the same for every dataset of a mixture."""
+    formats = {prepare.data_format(s.manifest) for s in sources}
+    if len(formats) > 1:
+        raise DataError(f"data.datasets mixes {' and '.join(sorted(formats))} datasets; a mixture needs one format.")
+    return formats.pop()
 
 
 def split_stats(sources: list[Source], split: str) -> dict[str, int]:
@@ -130,12 +152,12 @@ class Loader:
     """An iterator of batches with get_state/set_state; a finite pass pads up to `num_batches` on every process.
 
     Attributes: rows (per batch, this process), seq_len, num_batches (None when endless), stats (the whole split:
-    documents, tokens, targets, bytes), tokenizer_path.
+    documents, tokens, targets, bytes), tokenizer_path, data_format ("text", "chat" or "preference").
     """
 
     def __init__(self, dataset: grain.IterDataset, reader: records.DocumentReader, *, rows, seq_len, pad_id,
-                 num_batches, stats, tokenizer_path):
-        self.rows, self.seq_len, self.num_batches = rows, seq_len, num_batches
+                 num_batches, stats, tokenizer_path, data_format="text"):
+        self.rows, self.seq_len, self.num_batches, self.data_format = rows, seq_len, num_batches, data_format
         self.stats, self.tokenizer_path = stats, tokenizer_path
         self._empty = packing.empty_row(seq_len, pad_id)
         self._iterator = iter(dataset)
@@ -192,10 +214,12 @@ def make_loader(
     process_count: int = 1,
     seed: int | None = None,
     num_epochs: int | None = None,
+    packing: bool = True,
 ) -> Loader:
     """Batches of `global_batch_size // process_count` packed rows for this process; see the module docstring.
 
     num_epochs None: endless for "train", one pass for "val". seed None: data.seed, else the top-level seed.
+    packing False (chat and preference datasets only): one conversation (or pair, in a row pair) per row, padded.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
@@ -211,10 +235,20 @@ def make_loader(
     if split == "val" and num_epochs is None:
         num_epochs = 1
     sources = resolve_sources(config)
+    fmt = source_format(sources)
+    if fmt == "text" and not packing:
+        raise ConfigError(f"packing=False (one conversation per row) needs chat or preference datasets; "
+                          f"{sources[0].dir} is text.")
+    rows = global_batch_size // process_count
+    if fmt == "preference" and rows % 2:
+        raise ConfigError(f"a preference batch holds row pairs, so global_batch_size={global_batch_size} must give "
+                          f"an even number of rows per process, not {rows}.")
     for source in sources:
         if not source.manifest["splits"][split]["documents"]:
+            fix = ("prepare it again with a larger --val_fraction, or set eval.every_steps=0 to train without "
+                   "held-out evaluation" if split == "val" else "prepare it again")
             raise DataError(f"{source.dir} has no {split} documents (it was prepared with "
-                            f"--val_fraction={source.manifest['val_fraction']}).")
+                            f"--val_fraction={source.manifest.get('val_fraction')}); {fix}.")
     proportions = mixture.document_proportions(
         [s.weight for s in sources] if sources[0].weight is not None else None,
         [s.manifest["splits"][split] for s in sources],
@@ -227,6 +261,7 @@ def make_loader(
     reader = records.DocumentReader(
         [[s.dir / shard for shard in s.manifest["splits"][split]["shards"]] for s in sources],
         np.dtype(sources[0].manifest["token_dtype"]),
+        weighted=fmt != "text",
     )
     for i, source in enumerate(sources):
         if reader.num_records(i) != sizes[i]:
@@ -238,16 +273,44 @@ def make_loader(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_READ_AHEAD if threads else 0)
     )
     pad_id = sources[0].manifest["tokenizer"]["pad_id"]
-    rows = global_batch_size // process_count
-    batches = packing.PackedRowsIterDataset(read, seq_len=seq_len, pad_id=pad_id).batch(rows)
+    if fmt == "text":
+        batches = packing_module.PackedRowsIterDataset(read, seq_len=seq_len, pad_id=pad_id).batch(rows)
+    elif fmt == "chat":
+        packed = packing_module.PackedConversationsIterDataset(read, seq_len=seq_len, pad_id=pad_id, packing=packing)
+        batches = packed.batch(rows)
+    else:
+        packed = packing_module.PackedPairsIterDataset(read, seq_len=seq_len, pad_id=pad_id, packing=packing,
+                                                       bos_id=sources[0].manifest["tokenizer"]["bos_id"])
+        batches = packed.batch(rows // 2).map(_interleave_pairs)
     num_batches = None
     if num_epochs is not None:
-        lengths = [np.load(s.dir / s.manifest["splits"][split]["lengths"]) for s in sources]
-        num_batches = max(
-            _count_batches(stream(process_index=p), lengths, seq_len, rows) for p in range(process_count)
-        )
+        key = "pair_lengths" if fmt == "preference" else "lengths"
+        lengths = [np.load(s.dir / s.manifest["splits"][split][key]) for s in sources]
+        count = {"text": _count_batches,
+                 "chat": functools.partial(_count_conversation_batches, packing=packing),
+                 "preference": functools.partial(_count_pair_batches, packing=packing)}[fmt]
+        num_batches = max(count(stream(process_index=p), lengths, seq_len, rows) for p in range(process_count))
     return Loader(batches, reader, rows=rows, seq_len=seq_len, pad_id=pad_id, num_batches=num_batches,
-                  stats=split_stats(sources, split), tokenizer_path=tokenizer_path(sources))
+                  stats=split_stats(sources, split), tokenizer_path=tokenizer_path(sources), data_format=fmt)
+
+
+def _interleave_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(pairs, 2, seq_len) row pairs -> (2 * pairs, seq_len): chosen rows even, rejected rows odd."""
+    return {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
+
+
+def _count_pair_batches(stream: grain.MapDataset, pair_lengths: list[np.ndarray], seq_len: int, rows: int, *,
+                        packing: bool) -> int:
+    """Batches of row pairs that pair packing makes of this stream (packing.pair_rows over its pair lengths)."""
+    ordered = (pair_lengths[dataset][record] for dataset, record in (stream[i] for i in range(len(stream))))
+    return math.ceil(2 * packing_module.pair_rows(ordered, seq_len, packing) / rows)
+
+
+def _count_conversation_batches(stream: grain.MapDataset, lengths: list[np.ndarray], seq_len: int, rows: int, *,
+                                packing: bool) -> int:
+    """Batches that conversation packing makes of this stream (packing.conversation_rows over its lengths)."""
+    ordered = (lengths[dataset][record] for dataset, record in (stream[i] for i in range(len(stream))))
+    return math.ceil(packing_module.conversation_rows(ordered, seq_len, packing) / rows)
 
 
 def _count_batches(stream: grain.MapDataset, lengths: list[np.ndarray], seq_len: int, rows: int) -> int:

@@ -1,5 +1,8 @@
 """ArrayRecord shards of token ids: one document per record, as little-endian uint16 (vocab <= 65536) or uint32.
 
+A chat (or preference) dataset's record is a conversation: its n token ids as above, then its n per-token loss
+weights as uint8 (0 or 1; see chat.py), in the same blob, so one read gets both.
+
 Shards are written with `group_size:1`, so that any record can be read alone: the loader's global shuffle reads
 documents in random order, and larger groups would decompress a whole group for each one. The loader reads many
 records per call (`DocumentReader.read`): one ArrayRecord call costs ~50 us however little it reads, and ~3 us per
@@ -14,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 
 WRITER_OPTIONS = "group_size:1"
 
@@ -28,6 +31,15 @@ def decode_record(record: bytes, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(record, dtype=dtype).astype(np.int32)
 
 
+def decode_weighted_record(record: bytes, dtype: np.dtype) -> np.ndarray:
+    """A conversation record as a (2, n) int32 array: row 0 the token ids, row 1 the loss weights (0/1)."""
+    n = len(record) // (dtype.itemsize + 1)
+    out = np.empty((2, n), np.int32)
+    out[0] = np.frombuffer(record, dtype=dtype, count=n)
+    out[1] = np.frombuffer(record, dtype=np.uint8, offset=n * dtype.itemsize)
+    return out
+
+
 class ShardWriter:
     """Writes documents to `<dir>/NNNNN.array_record` files of about `shard_bytes` each; keeps every length."""
 
@@ -38,10 +50,14 @@ class ShardWriter:
         self._writer = None
         self._written = 0
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """One record: the ids, and after them the per-token weights if given (a conversation)."""
         if self._writer is None or self._written >= self.shard_bytes:
             self._roll()
         data = np.asarray(ids, dtype=self.dtype).tobytes()
+        if weights is not None:
+            assert len(weights) == len(ids)
+            data += np.asarray(weights, dtype=np.uint8).tobytes()
         self._writer.write(data)
         self._written += len(data)
         self.lengths.append(len(ids))
@@ -70,8 +86,9 @@ class DocumentReader:
     thread-safe).
     """
 
-    def __init__(self, shards: Sequence[Sequence[Path]], dtype: np.dtype):
+    def __init__(self, shards: Sequence[Sequence[Path]], dtype: np.dtype, weighted: bool = False):
         self.dtype = dtype
+        self._decode = decode_weighted_record if weighted else decode_record
         for path in (p for s in shards for p in s):
             if not path.exists():
                 raise DataError(f"shard {path} is missing; prepare its dataset again.")
@@ -83,7 +100,7 @@ class DocumentReader:
         return int(self._starts[dataset][-1])
 
     def read(self, keys: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """The documents for (dataset, record) keys, in order, as int32 arrays."""
+        """The documents for (dataset, record) keys, in order, as int32 arrays ((2, n) [ids; weights] if weighted)."""
         wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (dataset, record) in enumerate(keys):
             shard = int(np.searchsorted(self._starts[dataset], record, side="right")) - 1
@@ -92,7 +109,7 @@ class DocumentReader:
         for (dataset, shard), items in wanted.items():
             blobs = self._readers[dataset][shard].read([position for _, position in items])
             for (i, _), blob in zip(items, blobs):
-                docs[i] = decode_record(blob, self.dtype)
+                docs[i] = self._decode(blob, self.dtype)
         return docs
 
     def close(self) -> None:

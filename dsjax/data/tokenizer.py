@@ -25,7 +25,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
-from dsjax.data.errors import DataError
+from dsjax.errors import DataError
 from dsjax.errors import ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"

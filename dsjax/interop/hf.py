@@ -26,11 +26,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dsjax.errors import CheckpointError
 from dsjax.model import ModelConfig, Transformer, abstract_model
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint that cannot be read or written; the message names the file and tensor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +306,7 @@ def save_model(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
+        raise CheckpointError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it.")
     cfg = model.config
     out_dtype = jnp.dtype(dtype or cfg.weight_dtype)
     params = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -353,6 +350,9 @@ def save_model(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf_config = config_to_hf(cfg, out_dtype.name, bos_token_id, eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published directory gets the usual mode
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

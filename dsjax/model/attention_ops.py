@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from dsjax import sharding
-from dsjax.model.config import ConfigError
+from dsjax.errors import ConfigError
 
 
 def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal: bool) -> jax.Array | None:

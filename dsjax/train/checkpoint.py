@@ -1,151 +1,114 @@
-"""dsjax checkpoints (Orbax): one step directory per save, items `params` and `meta`.
+"""Train-state checkpoints (Orbax, asynchronous) in `WORKDIR/checkpoints`; params-only ones are dsjax/checkpoint.py.
 
-Layout: `ROOT/<step>/params` holds the parameters as a plain nested dict of arrays (Orbax StandardSave, restored
-straight onto any mesh), `ROOT/<step>/meta` a JSON dict with at least `model_config`. A training workdir keeps its
-checkpoints in `WORKDIR/checkpoints`. `python -m dsjax.convert import-hf` writes a ROOT with step 0, which the
-trainer can start or fine-tune from.
+Items per step: `params`, `opt_state` and, when the task says so, `frozen` (Orbax StandardSave, restorable onto
+another mesh), and `meta` (JSON: step, model config, RNG key, the data iterator state, the tokenizer). The `params`
+and `meta` items are laid out as dsjax/checkpoint.py reads them, so export, generation and evaluation open a training
+workdir without the trainer. Orbax writes each step to a temporary directory and renames it when complete, so a
+crash mid-save never leaves a step that looks complete; the newest `keep` steps are kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from dsjax.model import ModelConfig, Transformer, abstract_model
+from dsjax.errors import CheckpointError
 
-
-class CheckpointNotFound(FileNotFoundError):
-    """The given path holds no complete dsjax checkpoint."""
+FAILED = "checkpoints_failed"
 
 
-def params_dict(model: Transformer) -> dict:
-    """The model's parameters as a nested dict of arrays (what `params` stores)."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
-def save_model(model: Transformer, root, *, step: int = 0, meta: dict | None = None, overwrite: bool = False):
-    """Writes a params-only checkpoint (e.g. an imported Hugging Face model) as step `step` under `root`."""
-    root = Path(root).absolute()
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"{root} already exists and is not empty; pass --overwrite to replace it.")
-    meta = dict(meta or {}, model_config=dataclasses.asdict(model.config), step=step)
-    with ocp.CheckpointManager(root) as manager:
-        manager.save(
-            step,
-            args=ocp.args.Composite(params=ocp.args.StandardSave(params_dict(model)), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        manager.wait_until_finished()
-    return root / str(step)
-
-
-def find_checkpoint(path) -> tuple[Path, int]:
-    """(manager root, step) for a workdir, a checkpoint root (newest complete step) or one step directory."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise CheckpointNotFound(f"{path} does not exist.")
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if path.name.isdigit() and (path / "params").is_dir():
-        return path.parent, int(path.name)
-    steps = ocp.utils.checkpoint_steps(path) if path.is_dir() else []
-    if not steps:
-        raise CheckpointNotFound(f"{path} holds no complete dsjax checkpoint (expected <step>/params and <step>/meta).")
-    return path, max(steps)
-
-
-def read_meta(root: Path, step: int) -> dict:
-    with ocp.CheckpointManager(root) as manager:
-        return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-
-
-def restore_model(path, *, shardings=None, **overrides) -> Transformer:
-    """Rebuilds the Transformer stored at `path` (see `find_checkpoint`).
-
-    overrides: ModelConfig fields that do not change shapes (attention, remat, dtype, param_dtype).
-    shardings: optional pytree matching `params_dict` of jax Shardings; default: the first device.
-    """
-    root, step = find_checkpoint(path)
-    meta = read_meta(root, step)
-    cfg = ModelConfig(**{**meta["model_config"], **overrides})
-    graphdef, state = nnx.split(abstract_model(cfg))
-    abstract = nnx.to_pure_dict(state)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    with ocp.CheckpointManager(root) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    nnx.replace_by_pure_dict(state, restored.params)
-    return nnx.merge(graphdef, state)
+def failure_detail(err: BaseException) -> str:
+    """The most specific line an exception chain offers (TensorStore's own message, not a wrapper's repr)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for candidate in reversed(chain):  # innermost first: that is where the file was actually read
+        if isinstance(candidate, StopIteration):
+            continue
+        for line in str(candidate).strip().splitlines():
+            line = re.sub(r"<bound method .*", "", line).strip()  # TensorStore's wrapper prints a method's repr
+            if len(line) > 8:
+                return f"{type(candidate).__name__}: {line[:300]}"
+    return type(chain[0]).__name__
 
 
 class TrainCheckpointer:
-    """Saves and restores the whole train state in `WORKDIR/checkpoints`, asynchronously.
-
-    Items per step: `params` and `opt_state` (Orbax StandardSave, restorable onto another mesh), `meta` (JSON: step,
-    model config, RNG key, the data iterator state). Orbax writes each step to a temporary directory and renames it
-    when complete, so a crash mid-save never leaves a step that looks complete; the newest `keep` steps are kept.
-    """
+    """Saves and restores the whole train state. Every process calls every method (Orbax saves are collective);
+    moving a bad step aside happens on process 0 only, the others wait for it."""
 
     def __init__(self, workdir, keep: int, async_save: bool = True):
         self.root = (Path(workdir) / "checkpoints").absolute()
+        self.failed = self.root.parent / FAILED
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.root, options=options)
 
-    def save(self, step: int, state: dict, meta: dict):
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(state["opt_state"]),
-            meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-        )
-        self.manager.save(step, args=args, force=True)
+    def save(self, step: int, state: dict, meta: dict, *, save_frozen: bool = True):
+        items = {"params": ocp.args.StandardSave(state["params"]),
+                 "opt_state": ocp.args.StandardSave(state["opt_state"]),
+                 "meta": ocp.args.JsonSave(dict(meta, step=int(step)))}
+        if "frozen" in state and save_frozen:
+            items["frozen"] = ocp.args.StandardSave(state["frozen"])
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore_latest(self, target: dict, log=print):
-        """(state, meta) from the newest step that restores, or None when there is no checkpoint at all.
+    def restore_latest(self, target: dict, *, restore_frozen: bool = True, log=print):
+        """(state, meta) from the newest step that restores, or None when there never was a checkpoint.
 
-        A step that fails (truncated, corrupt) is reported and the one before it tried; if checkpoints exist but none
-        restores, this raises rather than let training silently start from scratch.
+        A step that fails (truncated, corrupt) is reported, moved to WORKDIR/checkpoints_failed, and the one before
+        it tried. If none restores (now, or in an earlier attempt that moved them all aside), this raises
+        CheckpointError rather than let the run silently start from scratch; `--restart` is the way to do that.
         """
         steps = self.steps()
         for step in reversed(steps):
+            items = {"params": ocp.args.StandardRestore(target["params"]),
+                     "opt_state": ocp.args.StandardRestore(target["opt_state"]), "meta": ocp.args.JsonRestore()}
+            if "frozen" in target and restore_frozen:
+                items["frozen"] = ocp.args.StandardRestore(target["frozen"])
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(target["params"]),
-                    opt_state=ocp.args.StandardRestore(target["opt_state"]),
-                    meta=ocp.args.JsonRestore(),
-                ))
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # noqa: BLE001 - any failure to read a step means: try the previous one
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 aside = self._move_aside(step)
-                log(f"checkpoint {self.root / str(step)} failed to restore ({type(err).__name__}: {first_line[:200]}); "
-                    f"moved it to {aside} and trying the previous one")
+                log(f"checkpoint {self.root / str(step)} failed to restore ({failure_detail(err)}); moved it to "
+                    f"{aside} and trying the previous one")
                 continue
             meta = dict(restored.meta)
             state = {"params": restored.params, "opt_state": restored.opt_state,
                      "step": jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32),
                                             target["step"].sharding)}
+            if "frozen" in items:
+                state["frozen"] = restored.frozen
             return state, meta
-        if steps:
-            raise RuntimeError(f"checkpoints {steps} exist in {self.root} but none restores; refusing to start from "
-                               "scratch (move them away to start over).")
+        if steps or (self.failed.is_dir() and any(self.failed.iterdir())):
+            raise CheckpointError(
+                f"no checkpoint in {self.root} restores (the ones that failed are in {self.failed}); pass --restart "
+                "to start this run over from step 0 (the old files are kept), or use another --workdir."
+            )
         return None
 
     def _move_aside(self, step: int) -> Path:
         """Keeps a step that failed to restore for inspection, out of the manager's way (a later save reuses its
         number)."""
-        aside = self.root.parent / "checkpoints_failed" / f"{step}-{int(time.time())}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.root / str(step), aside)
+        aside = self.failed / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.root / str(step), aside)
+        _barrier(f"dsjax-move-aside-{step}")
         self.manager.reload()
         return aside
 
@@ -155,3 +118,19 @@ class TrainCheckpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def move_previous_run(workdir: Path) -> Path | None:
+    """--restart: the old run's checkpoints, failed checkpoints and metrics go to WORKDIR/previous-<time>/ (process
+    0), so the new run starts from step 0 and nothing is deleted."""
+    workdir = Path(workdir)
+    names = [n for n in ("checkpoints", FAILED, "metrics.jsonl", "tensorboard") if (workdir / n).exists()]
+    if not names:
+        return None
+    target = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(workdir / name, target / name)
+    _barrier("dsjax-restart")
+    return target

@@ -63,8 +63,9 @@ def estimate(cfg: ModelConfig, abstract_state, shardings, micro_batch_per_device
     grads = params * 4 // max(1, np.dtype(cfg.weight_dtype).itemsize)
     opt = _shard_bytes(abstract_state["opt_state"], shardings["opt_state"])
     acts = activation_bytes(cfg, micro_batch_per_device * seq_len, seq_len)
-    return {"params": params, "grads": grads, "opt_state": opt, "activations": acts,
-            "total": params + grads + opt + acts}
+    frozen = _shard_bytes(abstract_state["frozen"], shardings["frozen"]) if "frozen" in abstract_state else 0
+    return {"params": params, "grads": grads, "opt_state": opt, "frozen": frozen, "activations": acts,
+            "total": params + grads + opt + frozen + acts}
 
 
 def check_fits(name: str, est: dict, n_devices: int, capacity: int | None, headroom: float = 0.9) -> str:
@@ -75,6 +76,7 @@ def check_fits(name: str, est: dict, n_devices: int, capacity: int | None, headr
     """
     summary = (f"about {est['total'] / GiB:,.2f} GiB per device (params {est['params'] / GiB:,.2f}, "
                f"grads {est['grads'] / GiB:,.2f}, optimizer {est['opt_state'] / GiB:,.2f}, "
+               + (f"frozen {est['frozen'] / GiB:,.2f}, " if est.get("frozen") else "") +
                f"activations {est['activations'] / GiB:,.2f})")
     if capacity is None or est["total"] <= headroom * capacity:
         return "needs " + summary + (f" of {capacity / GiB:.1f} GiB" if capacity else "")

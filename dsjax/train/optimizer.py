@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsjax.model.config import ConfigError
-
-SCHEDULES = ("multistep", "cosine", "wsd")
+from dsjax.config import SCHEDULES
+from dsjax.errors import ConfigError
 
 
 def _warmup(step, peak, warmup_steps):

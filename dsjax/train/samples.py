@@ -12,7 +12,10 @@ import numpy as np
 from flax import nnx
 
 
-def greedy_samples(graphdef, params, tokenizer, prompts, max_new_tokens: int, window: int):
+def greedy_samples(model, tokenizer, prompts, max_new_tokens: int, window: int):
+    """Every process calls this: the parameters are global arrays, so each step is a collective computation."""
+    graphdef, params = nnx.split(model)
+
     @jax.jit
     def next_token(params, tokens, length):
         logits = nnx.merge(graphdef, params)(tokens)
