@@ -67,7 +67,15 @@ def read_meta(root: Path, step: int) -> dict:
 
 
 def checkpoint_config(path, **overrides) -> ModelConfig:
-    """The ModelConfig stored with the checkpoint at `path`, with runtime fields overridden."""
+    """The ModelConfig of the model at `path` (a dsjax checkpoint or a Hugging Face directory), with runtime fields
+    overridden; reads no weights, so shardings can be planned before loading."""
+    if is_hf_dir(path):
+        import json
+
+        from dsjax.interop import hf
+
+        config_path = Path(path).expanduser() / "config.json"
+        return hf.config_from_hf(json.loads(config_path.read_text()), str(config_path), **overrides)
     root, step = find_checkpoint(path)
     return ModelConfig(**{**read_meta(root, step)["model_config"], **overrides})
 
@@ -124,7 +132,9 @@ def load_model(path, *, shardings=None, **overrides) -> Transformer:
         flat = None
         if shardings is not None:
             flat = {tuple(str(k.key) for k in p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-        return hf.load_model(path, shardings=flat, **overrides)
+        kw = dict(overrides)
+        param_dtype, compute_dtype = kw.pop("param_dtype", None), kw.pop("dtype", None)
+        return hf.load_model(path, param_dtype, shardings=flat, compute_dtype=compute_dtype, **kw)
     return restore_model(path, shardings=shardings, **overrides)
 
 

@@ -24,7 +24,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The names config keys may take; the modules that implement them (dsjax/train/optimizer.py, dsjax/train/tasks/)
 # import these, so validation needs nothing from the trainer.
 SCHEDULES = ("multistep", "cosine", "wsd")
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "sft", "dpo")
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge")
+DPO_REFERENCES = ("precomputed", "model")
 
 
 def _model_defaults() -> config_dict.ConfigDict:
@@ -84,12 +86,14 @@ def _train_defaults() -> config_dict.ConfigDict:
     return config_dict.ConfigDict(
         {
             "steps": 1000,
+            # Passes over the training data instead of `steps` (SFT, DPO): steps = epochs x batches per epoch.
+            "epochs": config_dict.placeholder(int),
             # Sequences per optimizer step across all devices; None takes it from the scaling law B_opt.
             "global_batch_size": config_dict.placeholder(int),
             "seq_len": 4096,
             # Micro-batches per optimizer step (gradients summed in float32).
             "grad_accum_steps": 1,
-            # A dsjax checkpoint (e.g. from `dsjax.convert import-hf`) whose parameters start a new run.
+            # Parameters that start a new run: a dsjax checkpoint or training workdir, or a Hugging Face model dir.
             "init_from": config_dict.placeholder(str),
         }
     )
@@ -111,9 +115,47 @@ def _eval_defaults() -> config_dict.ConfigDict:
     return config_dict.ConfigDict({"every_steps": 500, "steps": 10, "batch_size": config_dict.placeholder(int)})
 
 
+def _sft_defaults() -> config_dict.ConfigDict:
+    # Read by dsjax/train/tasks/sft.py (config.task = "sft").
+    return config_dict.ConfigDict(
+        {
+            # Several conversations per row (segment ids keep them apart) or one per row, padded.
+            "packing": True,
+            # Greedy answers to at most this many held-out prompts measure the repetition ratio (0: off).
+            "repetition_prompts": 64,
+            # Held-out (prompt, answer) pairs scored by greedy exact match, when the data has answers (0: off).
+            "exact_match_examples": 200,
+            # Tokens generated per answer for both measurements.
+            "max_new_tokens": 64,
+            # Also measure both at every evaluation, not only before and after training.
+            "generate_at_eval": False,
+        }
+    )
+
+
+def _dpo_defaults() -> config_dict.ConfigDict:
+    # Read by dsjax/train/tasks/dpo.py (config.task = "dpo"); names and definitions as in TRL.
+    return config_dict.ConfigDict(
+        {
+            "beta": 0.1,
+            # sigmoid (the paper's DPO), robust (label smoothing), ipo, hinge.
+            "loss": "sigmoid",
+            "label_smoothing": 0.0,
+            # Adds this weight times the chosen responses' token-mean NLL (RPO); 0: off.
+            "sft_weight": 0.0,
+            # precomputed: reference log-probs in one pass before training, stored beside the run;
+            # model: a frozen copy of the reference in the train state.
+            "reference": "precomputed",
+            # The reference model; None: train.init_from.
+            "reference_from": config_dict.placeholder(str),
+            "packing": True,
+        }
+    )
+
+
 def _log_defaults() -> config_dict.ConfigDict:
     # peak_flops_per_device: for MFU; None looks the device up in dsjax.train.metrics.PEAK_FLOPS.
-    # samples: prompts completed greedily at the end of training (max_new_tokens each).
+    # samples: prompts completed at the end of training (sample_tokens new tokens each).
     return config_dict.ConfigDict(
         {
             "every_steps": 10,
@@ -122,6 +164,10 @@ def _log_defaults() -> config_dict.ConfigDict:
             "peak_flops_per_device": config_dict.placeholder(float),
             "samples": ("def ", "import ", "class "),
             "sample_tokens": 48,
+            # Sampled with this temperature and top-k from `seed` (nanoGPT's habit; 0: greedy, which a small model
+            # turns into loops).
+            "sample_temperature": 0.8,
+            "sample_top_k": 40,
         }
     )
 
@@ -131,7 +177,8 @@ def default_config() -> config_dict.ConfigDict:
     config = config_dict.ConfigDict()
     config.name = "default"
     config.seed = 0
-    # What is trained: pretrain (next-token prediction on data.datasets); sft and dpo arrive with their tasks.
+    # What is trained: pretrain (next-token prediction on data.datasets), sft (assistant tokens of conversations),
+    # dpo (preference pairs against a reference model). Each task's own keys are in its section below.
     config.task = "pretrain"
     config.model = _model_defaults()
     config.data = _data_defaults()
@@ -141,6 +188,8 @@ def default_config() -> config_dict.ConfigDict:
     config.mesh = _mesh_defaults()
     config.eval = _eval_defaults()
     config.log = _log_defaults()
+    config.sft = _sft_defaults()
+    config.dpo = _dpo_defaults()
     return config
 
 
@@ -170,6 +219,14 @@ def load_config(name_or_path: str) -> config_dict.ConfigDict:
     return config
 
 
+def with_model(config: config_dict.ConfigDict, name: str) -> config_dict.ConfigDict:
+    """`config` with the model and mesh of the named config: how 67b_sft and 67b_dpo reuse the 7B recipes."""
+    base = load_config(name)
+    config.model.update(base.model.to_dict())
+    config.mesh.update(base.mesh.to_dict())
+    return config
+
+
 def validate(config: config_dict.ConfigDict) -> None:
     """Raises ConfigError naming the first bad field. Sections grow their checks as their issues land."""
     model_config(config)
@@ -196,10 +253,24 @@ def validate_train(config: config_dict.ConfigDict) -> None:
                 "checkpoint.keep", "log.every_steps"):
         positive(key)
     for key in ("optim.warmup_steps", "eval.every_steps", "eval.steps", "checkpoint.every_minutes",
-                "optim.weight_decay"):
+                "optim.weight_decay", "log.sample_temperature", "log.sample_top_k"):
         positive(key, allow_zero=True)
-    for key in ("optim.lr", "train.global_batch_size", "eval.batch_size"):
+    for key in ("optim.lr", "train.global_batch_size", "eval.batch_size", "train.epochs"):
         positive(key, allow_none=True)
+    if config.task == "sft":
+        for key in ("sft.repetition_prompts", "sft.exact_match_examples"):
+            positive(key, allow_zero=True)
+        positive("sft.max_new_tokens")
+    if config.task == "dpo":
+        positive("dpo.beta")
+        positive("dpo.sft_weight", allow_zero=True)
+        for key, names in (("loss", DPO_LOSSES), ("reference", DPO_REFERENCES)):
+            if config.dpo[key] not in names:
+                close = difflib.get_close_matches(str(config.dpo[key]), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"dpo.{key}={config.dpo[key]!r} is not one of {', '.join(names)}{hint}.")
+        if not 0 <= config.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {config.dpo.label_smoothing!r}.")
     if config.train.seq_len > config.model.max_seq_len:
         raise ConfigError(
             f"train.seq_len={config.train.seq_len} exceeds the model's context, model.max_seq_len="

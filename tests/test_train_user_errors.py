@@ -2,7 +2,6 @@
 documents, a workdir whose checkpoints are all corrupt, a finished run started again, whitespace-only samples."""
 
 import io
-import shutil
 
 import pytest
 
@@ -95,13 +94,10 @@ def test_finished_run_started_again_says_it_is_finished(tmp_path, capsys):
 
 
 def test_whitespace_samples_are_explained(monkeypatch):
-    import dsjax.train.samples as samples
-
-    monkeypatch.setattr(samples, "greedy_samples", lambda *a, **k: [("def ", "\n\n\n"), ("class ", "Foo:")])
     config = small_config()
     config.log.samples = ("def ", "class ")
     task = PretrainTask(config)
-    monkeypatch.setattr(task, "tokenizer", lambda: None)
+    monkeypatch.setattr(task, "complete", lambda model, prompts, n: ["\n\n\n", "Foo:"])
     lines = []
     task.report(None, None, lines.append)
     assert "only whitespace" in lines[0] and "'\\n\\n\\n'" in lines[0] and "after 4 steps" in lines[0]

@@ -216,11 +216,12 @@ def _param_paths(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     return {tuple(str(k) for k in path): var.get_value() for path, var in flat}
 
 
-def load_model(hf_dir, dtype=None, *, shardings=None, **overrides) -> Transformer:
+def load_model(hf_dir, dtype=None, *, shardings=None, compute_dtype=None, **overrides) -> Transformer:
     """Reads a LlamaForCausalLM safetensors checkpoint into a dsjax Transformer.
 
-    dtype: parameter dtype (default float32). shardings: optional {param path tuple: jax.sharding.Sharding} to
-    place each parameter directly on a mesh. overrides: ModelConfig fields such as attention="pallas".
+    dtype: parameter dtype (default float32); compute_dtype: ModelConfig.dtype (default auto). shardings: optional
+    {param path tuple: jax.sharding.Sharding} to place each parameter directly on a mesh. overrides: other
+    ModelConfig fields such as attention="pallas".
     """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
@@ -228,6 +229,8 @@ def load_model(hf_dir, dtype=None, *, shardings=None, **overrides) -> Transforme
         raise CheckpointError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     if dtype is not None:
         overrides["param_dtype"] = jnp.dtype(dtype).name
+    if compute_dtype is not None:
+        overrides["dtype"] = compute_dtype
     cfg = config_from_hf(json.loads(config_path.read_text()), str(config_path), **overrides)
     files = _tensor_files(hf_dir)
     expected = _expected_names(cfg)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from dsjax.model import params
 from dsjax.model.attention_ops import dot_product_attention
+from dsjax.model.cache import decode_attention
 from dsjax.model.config import ModelConfig
 from dsjax.model.rope import apply_rope
 from dsjax.sharding import constrain
@@ -30,6 +31,24 @@ class Attention(nnx.Module):
         self.backend = cfg.attention
 
     def __call__(self, x, cos, sin, segment_ids=None) -> jax.Array:
+        return self.prefill(x, cos, sin, segment_ids)[0]
+
+    def prefill(self, x, cos, sin, segment_ids=None):
+        """The training forward, also returning the rotated keys and values a KV cache keeps (batch, seq, kv, hd)."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = dot_product_attention(q, k, v, segment_ids, backend=self.backend, causal=True)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
+
+    def decode(self, x, cos, sin, k_cache, v_cache, lengths):
+        """One new token per row (x: (batch, 1, d_model)) attending over this layer's cache slice.
+
+        Returns the output and the token's key and value; the caller writes them into the cache (`KVCache.append`).
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        out = decode_attention(q, k_cache, v_cache, lengths, k, v)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
+
+    def _qkv(self, x, cos, sin):
         dtype = x.dtype
         q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dtype))
@@ -37,5 +56,4 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
-        out = dot_product_attention(q, k, v, segment_ids, backend=self.backend, causal=True)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(dtype))
+        return q, k, v

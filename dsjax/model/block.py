@@ -2,6 +2,7 @@
 
 `Block(cfg, rngs, layers=n)` creates the weights of n layers stacked on a leading `layers` axis; the transformer
 scans over that axis, handing `__call__` one layer's slice at a time. Compile time is then flat in depth.
+`prefill` and `decode` are the same layer for generation with a KV cache (`dsjax.model.cache`).
 """
 
 from __future__ import annotations
@@ -28,3 +29,17 @@ class Block(nnx.Module):
         h = constrain(h, ("batch", "seq", "act_embed"))
         out = h + self.mlp(self.post_attn_norm(h))
         return constrain(out, ("batch", "seq", "act_embed"))
+
+    def prefill(self, x: jax.Array, cos, sin):
+        """The layer on a right-padded prompt batch; also returns its keys and values for the cache."""
+        attn, k, v = self.attn.prefill(self.input_norm(x), cos, sin)
+        return self._finish(x, attn), k, v
+
+    def decode(self, x: jax.Array, cos, sin, k_cache, v_cache, lengths):
+        """The layer on one new token per row over this layer's cache slice; returns the token's key and value."""
+        attn, k, v = self.attn.decode(self.input_norm(x), cos, sin, k_cache, v_cache, lengths)
+        return self._finish(x, attn), k, v
+
+    def _finish(self, x, attn):
+        h = constrain(x + attn, ("batch", "seq", "act_embed"))
+        return constrain(h + self.mlp(self.post_attn_norm(h)), ("batch", "seq", "act_embed"))

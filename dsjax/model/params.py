@@ -30,3 +30,18 @@ def ones(shape, axes, dtype) -> nnx.Param:
 def logical_axes(variable) -> tuple:
     """The logical axis names of a parameter (empty tuple when it has none)."""
     return tuple(variable.get_metadata().get("logical_axes", ()))
+
+
+def axes_tree(model) -> dict:
+    """The logical axes of every parameter, as a nested dict shaped like `nnx.to_pure_dict` of the params."""
+    state = nnx.state(model, nnx.Param)
+    return nnx.to_pure_dict(jax.tree.map(logical_axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def shardings(model, mesh, rules, zero1: bool = False) -> dict:
+    """A NamedSharding per parameter from its logical axes and the rules (works on abstract models): how the
+    trainer, generation and evaluation all place a model on a mesh."""
+    from dsjax import sharding
+
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return sharding.tree_shardings(abstract, axes_tree(model), mesh, rules, zero1=zero1)

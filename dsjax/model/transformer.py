@@ -8,6 +8,7 @@ from flax import nnx
 
 from dsjax.model import params
 from dsjax.model.block import Block
+from dsjax.model.cache import KVCache
 from dsjax.model.config import ModelConfig
 from dsjax.model.norm import RMSNorm
 from dsjax.model.rope import rope_angles
@@ -66,6 +67,52 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+    # ------------------------------------------------------------------ generation: the KV-cache path (cache.py)
+
+    def prefill(self, tokens, lengths, max_len: int) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts (batch, seq) through the attention backend and builds a `max_len`-slot cache.
+
+        Row b's prompt is tokens[b, :lengths[b]]; padding after it is never attended to (causal), so its output
+        does not depend on its batch mates. Returns float32 logits (batch, vocab) at each row's last prompt token.
+        """
+        cfg = self.config
+        tokens, positions = _check_inputs(tokens, None, None)
+        x = self._embed(tokens)
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(h, layer_params):
+            h, k, v = nnx.merge(graphdef, layer_params).prefill(h, cos, sin)
+            return h, (k, v)
+
+        x, (k, v) = jax.lax.scan(layer, x, stacked)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
+        return self.logits(self.final_norm(last))[:, 0], KVCache.from_prefill(k, v, max_len)
+
+    def decode(self, tokens, cache: KVCache, lengths) -> tuple[jax.Array, KVCache]:
+        """One token per row (batch,) at position lengths[b], after the row's lengths[b] cached tokens.
+
+        Each layer's weights and cache slice are scanned together; the new keys/values of all layers are written
+        after the scan in one scatter (in place when the cache is donated). Returns logits (batch, vocab) and the
+        cache holding the new token (the caller advances `lengths`).
+        """
+        cfg = self.config
+        x = self._embed(tokens[:, None])
+        cos, sin = rope_angles(lengths[:, None], cfg.head_dim, cfg.rope_theta)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(h, xs):
+            layer_params, k_cache, v_cache = xs
+            h, k, v = nnx.merge(graphdef, layer_params).decode(h, cos, sin, k_cache, v_cache, lengths)
+            return h, (k[:, 0], v[:, 0])
+
+        x, (k, v) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
+        return self.logits(self.final_norm(x))[:, 0], cache.append(k, v, lengths)
+
+    def _embed(self, tokens):
+        table = constrain(self.embed[...].astype(self.config.compute_dtype), ("embed_vocab", "act_embed"))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", "seq", "act_embed"))
 
 
 def _check_inputs(tokens, positions, segment_ids):

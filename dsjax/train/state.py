@@ -17,23 +17,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax import sharding as shd
 from dsjax.model import ModelConfig, Transformer, abstract_model
-from dsjax.model.params import logical_axes
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
+from dsjax.model import params as model_params
 
 
 def param_axes(model_cfg: ModelConfig) -> dict:
     """The logical axis names of every parameter, as a nested dict shaped like the params."""
-    state = nnx.state(abstract_model(model_cfg), nnx.Param)
-    return _nest({tuple(str(k) for k in path): logical_axes(var) for path, var in nnx.to_flat_state(state)})
+    return model_params.axes_tree(abstract_model(model_cfg))
 
 
 def abstract_params(model_cfg: ModelConfig) -> dict:
@@ -42,7 +31,7 @@ def abstract_params(model_cfg: ModelConfig) -> dict:
 
 def param_shardings(model_cfg: ModelConfig, mesh, rules, zero1: bool = False) -> dict:
     """NamedSharding for every parameter, as a nested dict shaped like the params."""
-    return shd.tree_shardings(abstract_params(model_cfg), param_axes(model_cfg), mesh, rules, zero1=zero1)
+    return model_params.shardings(abstract_model(model_cfg), mesh, rules, zero1=zero1)
 
 
 def graphdef_of(model_cfg: ModelConfig):

@@ -99,9 +99,16 @@ class Trainer:
         self.mesh = shd.make_mesh(config.mesh.shape, tuple(config.mesh.axes))
         self.rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in config.mesh.rules)
         self.config = config = resolve(config, self.mesh, self.rules, log=_log)
+        self.task = (task or task_class(config.task))(config)
+        if config.train.epochs:
+            per_epoch = self.task.batches_per_epoch(config.train.global_batch_size)
+            config = config.copy_and_resolve_references()
+            config.train.steps = config.train.epochs * per_epoch
+            self.config = self.task.config = config
+            _log(f"train.epochs={config.train.epochs}: {per_epoch} batches of {config.train.global_batch_size} per "
+                 f"epoch, {config.train.steps} steps")
         self.schedule = make_schedule(config.optim, config.optim.lr, config.train.steps)
         self.tx = make_optimizer(config.optim, self.schedule)
-        self.task = (task or task_class(config.task))(config)
         self.frozen = self.task.frozen(self.model_cfg)
         self.shardings = state_shardings(self.model_cfg, self.tx, self.mesh, self.rules, config.mesh.zero1,
                                          self.frozen)
@@ -129,6 +136,8 @@ class Trainer:
         """Runs (or resumes) the run; returns the last logged metrics, `step`, and `preempted` (a signal or None)."""
         config = self.config
         self._check_workdir()
+        self.task.setup(mesh=self.mesh, rules=self.rules, batch_sharding=self.batch_sharding, workdir=self.workdir,
+                        log=_log)
         shares = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.train_data = self.task.train_data(global_batch_size=config.train.global_batch_size, **shares)
         self.val_data = (self.task.val_data(global_batch_size=config.eval.batch_size, **shares)
@@ -332,6 +341,7 @@ class Trainer:
 
     def _log_eval(self, state, writer, step, last):
         result = self._evaluate(state)
+        result.update(self.task.on_eval(nnx.merge(self.graphdef, state["params"]), step, _log))
         if result:
             _log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             writer.write(step, result)

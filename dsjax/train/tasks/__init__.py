@@ -10,6 +10,8 @@ from dsjax.train.tasks.base import Frozen, Task
 # config.task -> "module:class"; dsjax.config.TASKS lists the same names for validation.
 REGISTRY = {
     "pretrain": "dsjax.train.tasks.pretrain:PretrainTask",
+    "sft": "dsjax.train.tasks.sft:SFTTask",
+    "dpo": "dsjax.train.tasks.dpo:DPOTask",
 }
 assert tuple(REGISTRY) == TASKS, "dsjax.config.TASKS and the task registry disagree"
 

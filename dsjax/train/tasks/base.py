@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import jax
 
+from dsjax.errors import ConfigError
+
 
 @dataclasses.dataclass
 class Frozen:
@@ -42,6 +44,14 @@ class Task:
     def __init__(self, config):
         self.config = config
 
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        """Global batches in one pass over the training data, for `train.epochs`."""
+        raise ConfigError(f"task {self.name} does not support train.epochs; set train.steps instead.")
+
+    def setup(self, *, mesh, rules, batch_sharding, workdir, log: Callable[[str], None]) -> None:
+        """Runs once in `Trainer.run`, on every process, before the data iterators are built and before anything
+        is written: the place for work over the whole dataset (DPO's reference log-probs)."""
+
     def train_data(self, *, global_batch_size: int, process_index: int, process_count: int) -> Iterator[dict]:
         raise NotImplementedError(f"task {self.name} must supply train_data")
 
@@ -63,6 +73,10 @@ class Task:
     def tokenizer(self):
         """The run's tokenizer (copied into the workdir, used for samples), or None."""
         return None
+
+    def on_eval(self, model, step: int, log: Callable[[str], None]) -> dict:
+        """Runs after each held-out evaluation (step 0 included), on every process; returns metrics to log."""
+        return {}
 
     def report(self, model, mesh, log: Callable[[str], None]) -> dict:
         """Runs at the end of training on every process (a computation on global arrays needs all of them);

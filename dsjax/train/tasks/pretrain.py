@@ -44,14 +44,19 @@ class PretrainTask(Task):
     def tokenizer(self):
         return pipeline.load_config_tokenizer(self.config)
 
-    def report(self, model, mesh, log):
-        from dsjax.train.samples import greedy_samples
+    def complete(self, model, prompts, max_new_tokens):
+        """Completions with the KV-cache generator (every process takes part: the weights are global)."""
+        from dsjax.generate import generate
 
+        log = self.config.log
+        return generate(model, self.tokenizer(), list(prompts), max_new_tokens=max_new_tokens,
+                        temperature=log.sample_temperature, top_k=log.sample_top_k, seed=self.config.seed).texts
+
+    def report(self, model, mesh, log):
         prompts, tokens = tuple(self.config.log.samples), self.config.log.sample_tokens
         if not prompts or not tokens:
             return {}
-        window = min(self.config.train.seq_len, 256)
-        for prompt, completion in greedy_samples(model, self.tokenizer(), prompts, tokens, window):
+        for prompt, completion in zip(prompts, self.complete(model, prompts, tokens)):
             if completion.strip():
                 log(f"--- sample: {prompt!r}\n{prompt}{completion}")
             else:  # an undertrained model: say so instead of printing a screen of blank lines

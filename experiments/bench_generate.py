@@ -1,0 +1,121 @@
+"""Generation speed: dsjax's KV-cache decoder against transformers `generate` (torch), same weights and prompts.
+
+    python experiments/bench_generate.py            # tiny config and a ~100M shape, batch 1 and 16
+    python experiments/bench_generate.py --smoke    # a very small run that only checks the script works
+
+A random LlamaForCausalLM is saved as safetensors and loaded by both sides (float32, greedy, no early stop).
+Method, the same for both: each setting is run once to warm up (compile), then timed `--runs` times (median) with
+max_new_tokens=1 (prefill and the first token) and with max_new_tokens=N. Prefill tokens/s = batch * prompt_len /
+t(1); decode tokens/s = batch * (N - 1) / (t(N) - t(1)). Ratios are dsjax / transformers from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dsjax.generate import Generator
+from dsjax.interop.hf import load_model
+
+SHAPES = {
+    # configs/tiny.py's model
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    # ~110M parameters: 12 layers of d_model 768 (GPT-2 small's body), DeepSeek's layout, vocab 16384
+    "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=12),
+    "smoke": dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def median_seconds(fn, runs: int) -> float:
+    fn()  # warm up: compile (dsjax) and allocator caches (both)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_shape(name, batches, prompt_len, new_tokens, runs):
+    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      initializer_range=0.02)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.generation_config.eos_token_id = None  # never stop early: both sides generate exactly N tokens
+    hf.generation_config.pad_token_id = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        model = load_model(tmp)
+    params = sum(p.numel() for p in hf.parameters())
+    generator = Generator(model)  # no tokenizer: ids in, ids out, no eos
+    rows = []
+    for batch in batches:
+        prompts = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt_len))
+        ids = [p.tolist() for p in prompts]
+        torch_ids = torch.tensor(prompts)
+
+        def ours(n):
+            return lambda: generator.generate(ids, max_new_tokens=n)
+
+        def theirs(n):
+            def run():
+                with torch.no_grad():
+                    hf.generate(torch_ids, attention_mask=torch.ones_like(torch_ids), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False)
+            return run
+
+        result = {}
+        for side, make in (("dsjax", ours), ("transformers", theirs)):
+            first = median_seconds(make(1), runs)
+            full = median_seconds(make(new_tokens), runs)
+            result[side] = (batch * prompt_len / first, batch * (new_tokens - 1) / max(full - first, 1e-9))
+        rows.append((name, params, batch, result))
+        print(f"  {name} batch {batch}: {result}", file=sys.stderr, flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    args = parser.parse_args()
+    if args.smoke:
+        settings = [("smoke", (1, 4), 8, 8)]
+        args.runs = 1
+    else:
+        settings = [("tiny", (1, 16), args.prompt_len, args.new_tokens),
+                    ("100m", (1, 16), args.prompt_len, args.new_tokens)]
+    rows = []
+    for name, batches, prompt_len, new_tokens in settings:
+        rows += bench_shape(name, batches, prompt_len, new_tokens, args.runs)
+    device = f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"\nGeneration, float32 greedy, prompt {settings[0][2]} tokens, {settings[0][3]} new tokens; {device}; "
+          f"{datetime.date.today().isoformat()}\n")
+    print("| model | params | batch | prefill tok/s dsjax | transformers | ratio | decode tok/s dsjax | transformers "
+          "| ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, params, batch, r in rows:
+        (pd, dd), (pt, dt) = r["dsjax"], r["transformers"]
+        print(f"| {name} | {params / 1e6:.1f}M | {batch} | {pd:,.0f} | {pt:,.0f} | {pd / pt:.2f}x | {dd:,.0f} | "
+              f"{dt:,.0f} | {dd / dt:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
