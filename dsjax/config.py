@@ -111,8 +111,11 @@ def _mesh_defaults() -> config_dict.ConfigDict:
 
 
 def _eval_defaults() -> config_dict.ConfigDict:
-    # Evaluate every N steps on up to `steps` batches of the held-out split (0: the whole split).
-    return config_dict.ConfigDict({"every_steps": 500, "steps": 10, "batch_size": config_dict.placeholder(int)})
+    # Evaluate every N steps on up to `steps` batches of the held-out split (0: the whole split). `tasks`: specs of
+    # python -m dsjax.eval run at the same steps, separated by ";" (e.g. "bpb:a.txt,b.txt;mc:arc.jsonl"), logged as
+    # eval/<task>/<metric>.
+    return config_dict.ConfigDict({"every_steps": 500, "steps": 10, "batch_size": config_dict.placeholder(int),
+                                   "tasks": ""})
 
 
 def _sft_defaults() -> config_dict.ConfigDict:

@@ -13,6 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dsjax.checkpoint import restore_model
 from dsjax.data import pipeline, prepare, synthetic
 from dsjax.errors import ConfigError
+from dsjax.eval.runtime import load as load_runtime
+from dsjax.eval.scoring import Scorer
+from dsjax.eval.tasks import parse_spec, run_task
 from dsjax.eval.repetition import is_repetitive, repetition_ratio, repeated_tail
 from dsjax.model import init_model
 from dsjax.config import model_config
@@ -37,6 +40,13 @@ def chat_data(tmp_path_factory):
                                       rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False))
     hf.save_pretrained(root / "hf", safe_serialization=True)
     return root
+
+
+def held_out_text(root):
+    path = root / "held_out.txt"
+    if not path.exists():
+        path.write_text("".join(f"User: What is {a} + {a}?\n\nAssistant: {2 * a}\n" for a in range(12)))
+    return path
 
 
 def sft_config(root, mesh_shape=(1, 1, 1), **sft):
@@ -77,8 +87,9 @@ def test_imported_hf_model_fine_tunes_the_same_on_a_mesh(chat_data, tmp_path):
     for shape in ((1, 1, 1), (2, 2, 2)):
         workdir = tmp_path / f"run{shape[0]}"
         generate = shape == (1, 1, 1)  # greedy answers once: they cost compiles, and the mesh adds nothing to them
-        train(sft_config(chat_data, shape, exact_match_examples=4 * generate, repetition_prompts=4 * generate),
-              workdir)
+        config = sft_config(chat_data, shape, exact_match_examples=4 * generate, repetition_prompts=4 * generate)
+        config.eval.tasks = f"bpb:{held_out_text(chat_data)}" if generate else ""
+        train(config, workdir)
         results[shape] = (records_of(workdir), jax.tree.leaves(restore_model(workdir)))
     (ref_records, ref_params), (records, params) = results[(1, 1, 1)], results[(2, 2, 2)]
     for key in ("loss", "eval_loss"):
@@ -92,6 +103,14 @@ def test_imported_hf_model_fine_tunes_the_same_on_a_mesh(chat_data, tmp_path):
     # Greedy exact match and repetition ratio, before (step 0) and after (the end): logged under their names.
     steps = [r["step"] for r in ref_records if "exact_match" in r]
     assert steps == [0, 3] and all("repetition_ratio" in r for r in ref_records if "exact_match" in r)
+    # eval.tasks ran dsjax.eval at the eval steps; the last equals dsjax.eval on the saved checkpoint.
+    key = f"eval/bpb:{held_out_text(chat_data)}/bits_per_byte"
+    logged = [r[key] for r in ref_records if key in r]
+    assert len(logged) == 2
+    runtime = load_runtime(tmp_path / "run1", mesh_shape=(1, 1, 1))
+    scorer = Scorer(runtime.model, runtime.mesh, runtime.rules, batch_size=4)
+    result = run_task(parse_spec(f"bpb:{held_out_text(chat_data)}"), scorer, runtime.tokenizer)
+    assert logged[-1] == pytest.approx(result["metrics"]["bits_per_byte"], rel=1e-5)
 
 
 def test_sft_refuses_a_missing_base_and_a_text_dataset(chat_data, tmp_path):

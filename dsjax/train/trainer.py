@@ -120,6 +120,7 @@ class Trainer:
         _log(f"{config.name}: {param_count(abstract_model(self.model_cfg)):,} parameters, mesh "
              f"{dict(self.mesh.shape)}, {fits}")
 
+        self.eval_tasks = _eval_tasks(config.eval.tasks)
         self.graphdef = graphdef_of(self.model_cfg)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -178,6 +179,9 @@ class Trainer:
     def _write_run_files(self):
         """config.json (the resolved config) and a copy of the tokenizer, so the workdir alone can be served."""
         self.tokenizer = self.task.tokenizer()
+        if self.eval_tasks and self.tokenizer is None:
+            raise ConfigError(f"eval.tasks={self.config.eval.tasks!r} needs a tokenizer, and task "
+                              f"{self.task.name} has none.")
         if jax.process_index() == 0:
             self.workdir.mkdir(parents=True, exist_ok=True)
             partial = self.workdir / ".config.json.partial"
@@ -341,11 +345,48 @@ class Trainer:
 
     def _log_eval(self, state, writer, step, last):
         result = self._evaluate(state)
-        result.update(self.task.on_eval(nnx.merge(self.graphdef, state["params"]), step, _log))
+        model = nnx.merge(self.graphdef, state["params"])
+        result.update(self.task.on_eval(model, step, _log))
+        if self.eval_tasks:
+            result.update(self._run_eval_tasks(model))
         if result:
             _log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             writer.write(step, result)
             last.update(result)
+
+
+    def _run_eval_tasks(self, model) -> dict:
+        """eval.tasks through dsjax.eval's own code, on this run's mesh, every process taking part."""
+        from dsjax.eval.scoring import Scorer
+        from dsjax.eval.tasks import run_task
+
+        scorer = Scorer(model, self.mesh, self.rules, batch_size=self.config.eval.batch_size)
+        out = {}
+        for spec in self.eval_tasks:
+            result = run_task(spec, scorer, self.tokenizer, model=model, stream=_NullStream())
+            out.update({f"eval/{spec.name}/{k}": float(v) for k, v in result["metrics"].items()
+                        if isinstance(v, (int, float))})
+        return out
+
+
+class _NullStream:
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _eval_tasks(spec_text: str) -> list:
+    """The parsed eval.tasks, refused at start with one sentence if a spec is malformed."""
+    if not spec_text:
+        return []
+    from dsjax.eval.tasks import parse_spec
+
+    try:
+        return [parse_spec(spec.strip()) for spec in str(spec_text).split(";") if spec.strip()]
+    except ConfigError as err:
+        raise ConfigError(f"eval.tasks: {err}") from None
 
 
 def train(config, workdir, *, task=None, restart: bool = False, profile: bool = False) -> dict:
