@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dsjax.eval import __main__ as cli
-from dsjax.eval import bpb, multiple_choice, runtime, scoring
+from dsjax.eval import bpb, multiple_choice, runtime, scoring, tasks
 from dsjax.eval.windows import rolling_windows
 from tests.test_eval_common import BOS, continuation_logprob, make_hf_dir, token_logprobs
 
@@ -86,6 +86,29 @@ def test_trailing_space_moves_into_the_continuation(setup):
     a = multiple_choice.encode_pair(rt.tokenizer, "The capital of France is ", "Paris")
     b = multiple_choice.encode_pair(rt.tokenizer, "The capital of France is", " Paris")
     assert a == b and a[0][0] == rt.tokenizer.bos_id and a[1]
+
+
+def test_bits_per_byte_of_a_prepared_split_equals_transformers(setup, tmp_path):
+    from dsjax.data import prepare
+
+    directory, hf, rt = setup
+    texts = [f"Question {i}: what is {i} + {i}? Answer: {2 * i}." for i in range(30)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "prepared"
+    manifest = prepare.prepare([str(tmp_path / "docs.jsonl")], directory / "hf" / "tokenizer.json", out,
+                               val_fraction=0.5, progress=False, workers=1)
+    val = [t for t in texts if prepare.held_out(prepare.text_hash(t), 0.5)]
+    assert len(val) == manifest["splits"]["val"]["documents"] > 0
+    # The oracle: every stored token after bos (eos included, as training evaluates), scored by transformers.
+    nll = 0.0
+    for text in val:
+        ids = [rt.tokenizer.bos_id] + rt.tokenizer.encode(text) + [rt.tokenizer.eos_id]
+        nll -= token_logprobs(hf, ids).sum()
+    scorer = scoring.Scorer(rt.model, rt.mesh, rt.rules, batch_size=4)
+    result = tasks.run_task(tasks.parse_spec(f"bpb:{out}"), scorer, rt.tokenizer)
+    n_bytes = sum(len(t.encode()) for t in val)
+    assert result["metrics"]["bytes"] == n_bytes and result["metrics"]["documents"] == len(val)
+    assert result["metrics"]["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-5)
 
 
 @pytest.mark.parametrize("stride", [None, 8])

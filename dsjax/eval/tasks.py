@@ -1,7 +1,7 @@
 """Task specs (`bpb:FILES`, `mc:FILE.jsonl`, `gen:FILE.jsonl`) and running them: what the CLI and the trainer share.
 
-A spec is `KIND:ARGUMENT`. bpb takes comma-separated .txt/.jsonl/.parquet files, directories or globs; mc and gen
-one JSONL file each. `run_task` returns a plain dict (kind, metrics, skipped counts, seconds) ready for JSON.
+A spec is `KIND:ARGUMENT`. bpb takes comma-separated .txt/.jsonl/.parquet files, directories or globs, or one
+prepared dataset directory (its val split); mc and gen one JSONL file each. `run_task` returns a plain dict (kind, metrics, skipped counts, seconds) ready for JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ def run_task(spec: TaskSpec, scorer: Scorer, tokenizer, *, model=None, window=No
     """Runs one task. progress_factory(description) -> callable(n, total) advancing a progress bar, or None."""
     progress_factory = progress_factory or (lambda desc: None)
     start = time.perf_counter()
-    if spec.kind == "bpb":
+    if spec.kind == "bpb" and bpb.is_prepared(spec.argument):
+        docs, n_bytes = bpb.read_prepared(spec.argument, tokenizer)
+        skipped = {}
+        metrics = bpb.score_documents(scorer, docs, n_bytes, window=window, stride=stride,
+                                      progress=progress_factory(spec.name))
+        details = None
+    elif spec.kind == "bpb":
         texts, skipped = bpb.read_texts(spec.argument.split(","), stream=stream)
         progress = progress_factory(spec.name)
         metrics = bpb.bits_per_byte(scorer, tokenizer, texts, window=window, stride=stride, progress=progress)

@@ -22,7 +22,8 @@ from dsjax.errors import CheckpointError
 FAILED = "checkpoints_failed"
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Waits for every process (a no-op on one host): where the others depend on process 0's files."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -108,7 +109,7 @@ class TrainCheckpointer:
         if jax.process_index() == 0:
             aside.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.root / str(step), aside)
-        _barrier(f"dsjax-move-aside-{step}")
+        barrier(f"dsjax-move-aside-{step}")
         self.manager.reload()
         return aside
 
@@ -132,5 +133,5 @@ def move_previous_run(workdir: Path) -> Path | None:
         target.mkdir(parents=True, exist_ok=True)
         for name in names:
             os.replace(workdir / name, target / name)
-    _barrier("dsjax-restart")
+    barrier("dsjax-restart")
     return target

@@ -37,7 +37,7 @@ from dsjax.config import model_config, validate_train
 from dsjax.errors import ConfigError
 from dsjax.model import abstract_model, param_count
 from dsjax.train import memory, metrics as metrics_lib
-from dsjax.train.checkpoint import TrainCheckpointer, move_previous_run
+from dsjax.train.checkpoint import TrainCheckpointer, barrier, move_previous_run
 from dsjax.train.optimizer import make_optimizer, make_schedule
 from dsjax.train.resolve import resolve
 from dsjax.train.state import abstract_state, create_state, graphdef_of, state_shardings
@@ -76,13 +76,6 @@ class _Signals:
 def _log(message: str):
     if jax.process_index() == 0:
         tqdm.write(message, file=sys.stdout)
-
-
-def _barrier(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 class Trainer:
@@ -192,7 +185,7 @@ class Trainer:
                 if not (self.workdir / name).exists():
                     shutil.copyfile(self.tokenizer.path, self.workdir / f".{name}.partial")
                     (self.workdir / f".{name}.partial").replace(self.workdir / name)
-        _barrier("dsjax-run-files")
+        barrier("dsjax-run-files")
 
     def _meta(self, rng) -> dict:
         meta = {"model_config": dataclasses.asdict(self.model_cfg), "data_state": self.train_data.get_state(),
@@ -239,10 +232,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- the loop
 
-    def _next_batch(self) -> dict:
-        local = next(self.train_data)
+    def _global(self, local: dict) -> dict:
+        """This process's rows -> global arrays over the mesh (transferred asynchronously)."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local.items()}
+
+    def _next_batch(self) -> dict:
+        return self._global(next(self.train_data))
 
     def _loop(self, state, rng, ckpt, writer):
         config = self.config
@@ -331,9 +327,7 @@ class Trainer:
         for i, local in enumerate(self.val_data):
             if self.config.eval.steps and i >= self.config.eval.steps:
                 break
-            batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                     for k, v in local.items()}
-            outs.append(self.eval_fn(state["params"], state.get("frozen"), batch))
+            outs.append(self.eval_fn(state["params"], state.get("frozen"), self._global(local)))
         outs = jax.device_get(outs)
         weight = sum(float(o["weight"]) for o in outs)
         if weight == 0:
