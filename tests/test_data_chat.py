@@ -1,14 +1,12 @@
 """The chat template against transformers' apply_chat_template, the loss weights, TRL rows, the synthetic set."""
 
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dsjax.data import chat, conversations, synthetic
 from dsjax.data import tokenizer as tk
 from dsjax.errors import DataError
-from tests.test_data_common import stdlib_texts, train_small_tokenizer
+from tests.test_data_common import train_byte_level_bpe, train_small_tokenizer
 
 # Verbatim from deepseek-llm-7b-chat's tokenizer_config.json (../shared/PAPER.md, Alignment).
 DEEPSEEK_TEMPLATE = r"""{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"""  # noqa: E501
@@ -40,17 +38,7 @@ def spm_tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """Our HF tokenizer and transformers' PreTrainedTokenizerFast (with the DeepSeek template) on one tokenizer.json."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=900, special_tokens=[tk.BOS, tk.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(stdlib_texts(20), trainer)
-    path = tmp_path_factory.mktemp("chat_hf") / tk.HF_FILE
-    tok.save(str(path))
+    path = train_byte_level_bpe(tmp_path_factory.mktemp("chat_hf"))
     hf = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=tk.BOS, eos_token=tk.EOS,
                                  chat_template=DEEPSEEK_TEMPLATE)
     return tk.load_tokenizer(path), hf

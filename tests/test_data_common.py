@@ -30,6 +30,27 @@ def train_small_tokenizer(directory: Path, vocab_size: int = 1000, count: int = 
     return train_sentencepiece(stdlib_texts(count), vocab_size, directory / SPM_FILE, num_threads=2)
 
 
+def train_byte_level_bpe(directory: Path, vocab_size: int = 900) -> Path:
+    """A byte-level BPE tokenizer.json made with HF `tokenizers` itself, the kind DeepSeek released."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from dsjax.data import tokenizer as tk
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[tk.BOS, tk.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(stdlib_texts(20), trainer)
+    path = Path(directory) / tk.HF_FILE
+    tok.save(str(path))
+    return path
+
+
 def write_jsonl(path: Path, texts) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     return path

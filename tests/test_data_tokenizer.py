@@ -6,12 +6,12 @@ import pytest
 import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 
 from dsjax.data import tokenizer as tk
 from dsjax.errors import DataError
 from dsjax.errors import ConfigError
-from tests.test_data_common import stdlib_texts, train_small_tokenizer
+from tests.test_data_common import stdlib_texts, train_byte_level_bpe, train_small_tokenizer
 
 TRICKY = [
     "",
@@ -44,18 +44,7 @@ def spm_tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_file(tmp_path_factory):
     """A byte-level BPE tokenizer.json made with HF `tokenizers` itself, the kind DeepSeek released."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=900, special_tokens=[tk.BOS, tk.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(stdlib_texts(20), trainer)
-    path = tmp_path_factory.mktemp("hf") / tk.HF_FILE
-    tok.save(str(path))
-    return path
+    return train_byte_level_bpe(tmp_path_factory.mktemp("hf"))
 
 
 def test_recipe_special_tokens(spm_tok):
