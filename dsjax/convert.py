@@ -18,6 +18,7 @@ from pathlib import Path
 from dsjax import checkpoint
 from dsjax.errors import CheckpointError, CheckpointNotFound, ConfigError, DataError
 from dsjax.interop import hf
+from dsjax.data import chat
 from dsjax.data.tokenizer import load_tokenizer
 from dsjax.model import param_count
 
@@ -45,11 +46,32 @@ def special_ids(src) -> tuple[int | None, int | None]:
     return tok.bos_id, tok.eos_id
 
 
+def tokenizer_files(src, max_len: int) -> dict[str, bytes]:
+    """tokenizer.json and a tokenizer_config.json with the DeepSeek chat template, so that transformers'
+    AutoTokenizer, apply_chat_template and generate work on the export. Only a Hugging Face tokenizer.json carries
+    over; a sentencepiece tokenizer.model (the built-in corpus's) has no tokenizer.json to give."""
+    found = checkpoint.find_tokenizer(src)
+    if found is None or found.suffix != ".json":
+        return {}
+    tok = load_tokenizer(found)
+    beside = found.parent / "tokenizer_config.json"
+    config = json.loads(beside.read_text()) if beside.is_file() else {}
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.setdefault("model_max_length", max_len)
+    for role in ("bos", "eos", "pad"):
+        config.setdefault(f"{role}_token", tok.token_name(getattr(tok, f"{role}_id")))
+    config.setdefault("chat_template", chat.JINJA_TEMPLATE)
+    return {"tokenizer.json": found.read_bytes(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+
+
 def export_hf(src, dst, dtype=None, overwrite=False):
     model = checkpoint.restore_model(src)
     bos, eos = special_ids(src)
-    path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite, bos_token_id=bos, eos_token_id=eos)
-    print(f"exported {param_count(model):,} parameters from {src} to {path}")
+    extra = tokenizer_files(src, model.config.max_seq_len)
+    path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite, bos_token_id=bos, eos_token_id=eos,
+                         extra_files=extra)
+    note = " with its tokenizer and chat template" if extra else " (no tokenizer.json to export with it)"
+    print(f"exported {param_count(model):,} parameters from {src} to {path}{note}")
 
 
 def main(argv=None) -> int:

@@ -142,3 +142,26 @@ def test_repetition_ratio_counts_only_unfinished_loops():
     finished = [False, True, False, True]  # the second ended at eos: a finished answer is never repetitive
     assert [is_repetitive(t, f) for t, f in zip(texts, finished)] == [True, False, False, False]
     assert repetition_ratio(texts, finished) == 0.25
+
+
+def test_exported_model_chats_in_transformers_with_our_prompt_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dsjax.convert import main as convert
+    from dsjax.data import chat
+    from dsjax.data.tokenizer import load_tokenizer
+    from tests.test_eval_common import make_hf_dir
+
+    make_hf_dir(tmp_path / "hf")
+    assert convert(["import-hf", str(tmp_path / "hf"), str(tmp_path / "ck")]) == 0
+    assert convert(["export-hf", str(tmp_path / "ck"), str(tmp_path / "out")]) == 0
+    ours = load_tokenizer(tmp_path / "ck" / "tokenizer.json")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+                {"role": "user", "content": "And 4 + 4?"}]
+    expected = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert chat.prompt_ids(ours, messages) == expected
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    out = hf.generate(torch.tensor([expected]), max_new_tokens=3, do_sample=False)
+    assert out[0, : len(expected)].tolist() == expected and out.shape[1] > len(expected)

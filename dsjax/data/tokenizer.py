@@ -185,6 +185,10 @@ class HuggingFaceTokenizer(Tokenizer):
             vocab_size=max(vocab.values()) + 1,
         )
 
+    def token_name(self, token_id: int) -> str:
+        """The token's string in tokenizer.json (what transformers' configs name special tokens by)."""
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

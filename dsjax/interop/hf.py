@@ -300,12 +300,13 @@ def save_model(
     overwrite: bool = False,
     bos_token_id=None,
     eos_token_id=None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Writes `model` as a LlamaForCausalLM safetensors checkpoint loadable by `from_pretrained`.
 
     Tensors are fetched and converted one (layer) at a time and written in shards of at most `max_shard_bytes`.
     The directory appears only once complete (written beside it, then renamed); an existing non-empty `out_dir`
-    is refused unless `overwrite`.
+    is refused unless `overwrite`. extra_files: {name: content} written beside the weights (the tokenizer).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -353,6 +354,8 @@ def save_model(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         hf_config = config_to_hf(cfg, out_dtype.name, bos_token_id, eos_token_id)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for name, data in (extra_files or {}).items():  # the tokenizer files, published with the weights
+            (tmp / name).write_bytes(data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the published directory gets the usual mode
