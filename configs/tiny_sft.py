@@ -14,9 +14,9 @@ def get_config():
     config = load_config("tiny")
     config.name = "tiny_sft"
     config.task = "sft"
-    config.train.update(init_from="runs/tiny", steps=600, global_batch_size=32, seq_len=128)
+    config.train.update(init_from="runs/tiny", steps=850, global_batch_size=32, seq_len=128)
     config.data.datasets = "synthetic"
-    config.optim.update(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1)
+    config.optim.update(lr=5e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1)  # beat 3e-3 x 600 steps
     config.checkpoint.update(every_steps=200)
     config.eval.update(every_steps=200, steps=4)
     config.sft.update(repetition_prompts=100, exact_match_examples=300, max_new_tokens=16)
