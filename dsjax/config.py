@@ -1,5 +1,5 @@
 """Run configuration: ml_collections ConfigDicts with sections model, data, optim, train, checkpoint, mesh, eval, log,
-and one section per task that has keys of its own (`config.task` picks the task: pretrain, later sft and dpo).
+and one section per task that has keys of its own (`config.task` picks the task: pretrain, sft or dpo).
 
 `default_config()` holds every key with its default; the files in `configs/` start from it and change what their run
 needs. `load_config("tiny")` (a name in `configs/`) or `load_config("path/to/file.py")` imports the file, calls its

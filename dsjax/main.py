@@ -1,9 +1,9 @@
 """python -m dsjax.main --config=NAME [--config.section.key=value ...] [--workdir=DIR] [--restart] [--profile]
 
 NAME is a file in configs/ or a path to a config .py file; with no flags it trains `tiny` on the built-in corpus.
-The config's `task` key says what is trained (pretrain; sft and dpo as they land). The workdir (default runs/NAME)
-holds checkpoints, metrics.jsonl, TensorBoard events, the resolved config.json and the tokenizer; running the same
-command again resumes from its newest checkpoint.
+The config's `task` key says what is trained: pretrain, sft or dpo (tiny -> tiny_sft is the offline walkthrough,
+then python -m dsjax.chat). The workdir (default runs/NAME) holds checkpoints, metrics.jsonl, TensorBoard events,
+the resolved config.json and the tokenizer; running the same command again resumes from its newest checkpoint.
 
 Exit codes: 0 done; 1 the loss went non-finite; 2 a mistake in the config, data or workdir (one sentence on
 stderr, nothing written); 128 + the signal (143 for SIGTERM, 130 for Ctrl-C) when stopped by a signal after saving a
