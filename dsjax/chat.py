@@ -40,11 +40,13 @@ def main(argv=None) -> None:
     parser = cli.Parser(prog="python -m dsjax.chat", description=__doc__.split("\n\n")[0])
     cli.add_model_flags(parser, default_checkpoint())
     parser.add_argument("--system", default="", help="a system message (DeepSeek advises none)")
-    cli.add_sampling_flags(parser, max_new_tokens=512)
+    cli.add_sampling_flags(parser, max_new_tokens=None)
     parser.set_defaults(truncate="left")
     args = parser.parse_args(argv)
     sampling = cli.sampling_params(args)
     generator, context = cli.load(args)
+    if args.max_new_tokens is None:  # a long reply, but room for the conversation in a small model's context too
+        args.max_new_tokens = min(512, generator.config.max_seq_len // 2)
     generator.check_lengths([[0]], args.max_new_tokens)  # max_new_tokens against the context, before any input
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []

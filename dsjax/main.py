@@ -118,6 +118,10 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop takes over Ctrl-C (preparing data, compiling): nothing to save yet
+        print("interrupted before training started; nothing was saved beyond what the workdir already held.",
+              file=sys.stderr)
+        return 130
     if result.get("preempted"):
         signum = result["preempted"]
         print(f"stopped by {signum.name} at step {result['step']} (preempted): the checkpoint is saved and the same "

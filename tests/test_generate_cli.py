@@ -115,3 +115,12 @@ def test_chat_with_piped_stdin(hf_dir, capsys, monkeypatch):
     # After /reset the same first message gets the same first reply: the history was forgotten.
     assert out == f"{first}\n{second}\n{first}\n"
     assert "conversation reset" in err
+
+
+def test_chat_default_reply_length_fits_a_small_context(hf_dir, capsys, monkeypatch):
+    """No --max_new_tokens: at most half the context (here 32 of 64), not a 512 the model cannot hold."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/exit\n"))
+    code, out, err = run_cli(chat_main, [f"--checkpoint={hf_dir}"], capsys)
+    assert code == 0, err
+    model, tokenizer = load_model(hf_dir), load_tokenizer(hf_dir / "tokenizer.json")
+    assert out == chat(model, tokenizer, [{"role": "user", "content": "Hello there"}], max_new_tokens=CONTEXT // 2) + "\n"

@@ -102,3 +102,15 @@ def test_whitespace_samples_are_explained(monkeypatch):
     task.report(None, None, lines.append)
     assert "only whitespace" in lines[0] and "'\\n\\n\\n'" in lines[0] and "after 4 steps" in lines[0]
     assert lines[1] == "--- sample: 'class '\nclass Foo:"
+
+
+def test_ctrl_c_before_training_starts_is_one_sentence(monkeypatch, capsys, tmp_path):
+    import dsjax.train.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises while data is prepared or the step compiles
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["dsjax.main", *SMALL, f"--workdir={tmp_path / 'run'}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before training started" in err and "Traceback" not in err

@@ -40,8 +40,9 @@ def add_model_flags(parser: argparse.ArgumentParser, default_checkpoint: str | N
                         help="devices over (data, fsdp, tensor); the default puts every device on tensor")
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int | None) -> None:
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
+                        help=None if max_new_tokens else "default: 512, at most half the model's context")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0 is off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 is off")
