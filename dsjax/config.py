@@ -17,7 +17,7 @@ from ml_collections import config_dict
 
 from dsjax.errors import ConfigError
 from dsjax.model.config import ModelConfig
-from dsjax.sharding import DEFAULT_RULES, MESH_AXES
+from dsjax.sharding import DEFAULT_RULES, MESH_AXES, check_dcn_shape
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -106,8 +106,12 @@ def _checkpoint_defaults() -> config_dict.ConfigDict:
 
 def _mesh_defaults() -> config_dict.ConfigDict:
     # Mesh shape over (data, fsdp, tensor); -1 takes the devices left over. `rules` map logical axis names to mesh
-    # axes (see dsjax/sharding.py); zero1 splits the optimizer state over `data` as well.
-    return config_dict.ConfigDict({"shape": (-1, 1, 1), "axes": MESH_AXES, "rules": DEFAULT_RULES, "zero1": True})
+    # axes (see dsjax/sharding.py); zero1 splits the optimizer state over `data` as well. dcn_shape: how many TPU
+    # slices (or hosts) each axis spans, e.g. (4, 1, 1) for data parallelism across 4 slices and everything else
+    # inside one; the mesh is mesh.shape, each slice holding a block of shape // dcn_shape. None: one slice (or,
+    # across several, all of them on the first axis they divide).
+    return config_dict.ConfigDict({"shape": (-1, 1, 1), "axes": MESH_AXES, "rules": DEFAULT_RULES, "zero1": True,
+                                   "dcn_shape": config_dict.placeholder(tuple)})
 
 
 def _eval_defaults() -> config_dict.ConfigDict:
@@ -152,6 +156,16 @@ def _dpo_defaults() -> config_dict.ConfigDict:
             # The reference model; None: train.init_from.
             "reference_from": config_dict.placeholder(str),
             "packing": True,
+            # Greedy exact match on held-out problems before and after training (data.datasets=synthetic only;
+            # 0: off), with this many new tokens per answer; scored as in SFT.
+            "exact_match_examples": 0,
+            "max_new_tokens": 64,
+            # data.datasets=synthetic (the offline demo, dpo_synthetic.py): pairs from this many training and
+            # held-out problems, each answered `synthetic_samples` times by the SFT model at this temperature.
+            "synthetic_prompts": 3000,
+            "synthetic_val_prompts": 300,
+            "synthetic_samples": 8,
+            "synthetic_temperature": 1.0,
         }
     )
 
@@ -267,6 +281,11 @@ def validate_train(config: config_dict.ConfigDict) -> None:
     if config.task == "dpo":
         positive("dpo.beta")
         positive("dpo.sft_weight", allow_zero=True)
+        for key in ("dpo.exact_match_examples", "dpo.synthetic_temperature"):
+            positive(key, allow_zero=True)
+        for key in ("dpo.max_new_tokens", "dpo.synthetic_prompts", "dpo.synthetic_val_prompts",
+                    "dpo.synthetic_samples"):
+            positive(key)
         for key, names in (("loss", DPO_LOSSES), ("reference", DPO_REFERENCES)):
             if config.dpo[key] not in names:
                 close = difflib.get_close_matches(str(config.dpo[key]), names, n=1)
@@ -279,6 +298,8 @@ def validate_train(config: config_dict.ConfigDict) -> None:
             f"train.seq_len={config.train.seq_len} exceeds the model's context, model.max_seq_len="
             f"{config.model.max_seq_len}."
         )
+    if config.mesh.dcn_shape is not None:
+        check_dcn_shape(config.mesh.dcn_shape, len(config.mesh.axes))
     if config.optim.schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={config.optim.schedule!r} is not one of {', '.join(SCHEDULES)}.")
     if len(config.optim.multistep_boundaries) != len(config.optim.multistep_factors):

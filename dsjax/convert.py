@@ -5,6 +5,10 @@
 
 Options: --dtype (parameter dtype written; default: as stored), --overwrite (replace a non-empty DST).
 Errors a user can cause end with one sentence on stderr and exit code 2; nothing half-written is left at DST.
+
+export-hf of a model too large for one host's memory: run it on every host with --distributed (and, off TPU pods,
+SLURM and Open MPI, --coordinator_address --num_processes --process_id, as dsjax.main takes them); the parameters are
+restored split over all devices (FSDP), gathered one tensor at a time, and written by process 0.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from dsjax import checkpoint
+import jax
+
+from dsjax import checkpoint, distributed
 from dsjax.errors import CheckpointError, CheckpointNotFound, ConfigError, DataError
 from dsjax.interop import hf
 from dsjax.data import chat
@@ -65,13 +71,27 @@ def tokenizer_files(src, max_len: int) -> dict[str, bytes]:
 
 
 def export_hf(src, dst, dtype=None, overwrite=False):
-    model = checkpoint.restore_model(src)
+    model = checkpoint.restore_model(src, shardings=_split_over_all_devices(src))
     bos, eos = special_ids(src)
     extra = tokenizer_files(src, model.config.max_seq_len)
     path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite, bos_token_id=bos, eos_token_id=eos,
                          extra_files=extra)
     note = " with its tokenizer and chat template" if extra else " (no tokenizer.json to export with it)"
-    print(f"exported {param_count(model):,} parameters from {src} to {path}{note}")
+    if jax.process_index() == 0:
+        print(f"exported {param_count(model):,} parameters from {src} to {path}{note}")
+
+
+def _split_over_all_devices(src):
+    """Multi-process: every parameter split over the devices of all processes (FSDP rules), so no host holds
+    the model whole; None (the first device) on one process."""
+    if jax.process_count() == 1:
+        return None
+    from dsjax import sharding
+    from dsjax.model import abstract_model
+    from dsjax.model.params import shardings
+
+    mesh = sharding.make_mesh((1, -1, 1))
+    return shardings(abstract_model(checkpoint.checkpoint_config(src)), mesh, sharding.DEFAULT_RULES)
 
 
 def main(argv=None) -> int:
@@ -81,9 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("dst")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--distributed", action="store_true", help="export-hf on several processes (see above)")
+    parser.add_argument("--coordinator_address", default=None)
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args(argv)
     run = import_hf if args.command == "import-hf" else export_hf
     try:
+        distributed.check_flags(args.distributed, args.coordinator_address, args.num_processes, args.process_id)
+        if args.distributed:
+            if args.command == "import-hf":
+                raise ConfigError("--distributed is for export-hf; import-hf runs on one process.")
+            distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         run(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     except (CheckpointError, CheckpointNotFound, FileExistsError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -26,8 +26,17 @@ FLAGS_HELP = (
     ("--config.SECTION.KEY=VALUE", "override any key, e.g. --config.train.steps=100 --config.optim.lr=1e-3"),
     ("--workdir=DIR", "where the run lives (default runs/NAME); the same command resumes from it"),
     ("--restart", "start the run in DIR over from step 0, moving its old checkpoints and metrics aside"),
+    ("--plan=TARGET", "compile the step for v5p-128, v5e-256, v4-128, v6e-256, h100x8, h200x8, h100x64, ... on "
+                      "this CPU: memory per device, FLOPs, predicted speed (exit 3: does not fit)"),
+    ("--plan_search", "with --plan: try meshes, remat policies and grad_accum, rank those that fit"),
+    ("--plan_json=FILE", "with --plan: also write the plan as JSON"),
+    ("--plan_mfu=F", "with --plan: the MFU the predicted step time assumes (default 0.4)"),
+    ("--plan_device_memory=GIB", "with --plan: memory per device instead of the target's datasheet figure"),
     ("--profile", "record a jax.profiler trace of steps 3-6 into WORKDIR/profile"),
-    ("--distributed", "multi-host: call jax.distributed.initialize() first (TPU pods, SLURM, Open MPI)"),
+    ("--distributed", "multi-process: jax.distributed.initialize() detects TPU pods, SLURM, Open MPI"),
+    ("--coordinator_address=ADDR", "with --distributed, off those clusters: process 0's HOST:PORT, on every process"),
+    ("--num_processes=N", "with --distributed, off those clusters: how many processes"),
+    ("--process_id=I", "with --distributed, off those clusters: this process's index, 0 to N-1"),
     ("-h, --help", "this help"),
 )
 
@@ -91,7 +100,17 @@ def main(argv=None) -> int:
     flags.DEFINE_bool("profile", False, "record a jax.profiler trace of a few steps into WORKDIR/profile",
                       flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "--distributed: process 0's HOST:PORT", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "--distributed: the number of processes", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "--distributed: this process's index", flag_values=fv)
     flags.DEFINE_bool("restart", False, "start over from step 0, moving old checkpoints aside", flag_values=fv)
+    flags.DEFINE_string("plan", None, "compile the train step for a target and report (dsjax/train/plan.py)",
+                        flag_values=fv)
+    flags.DEFINE_bool("plan_search", False, "with --plan: search meshes, remat and grad_accum", flag_values=fv)
+    flags.DEFINE_string("plan_json", None, "with --plan: write the plan as JSON to this file", flag_values=fv)
+    flags.DEFINE_float("plan_mfu", 0.4, "with --plan: assumed MFU for the predicted step time", flag_values=fv)
+    flags.DEFINE_float("plan_device_memory", None, "with --plan: GiB per device (default: the target's)",
+                       flag_values=fv)
     saved_argv, sys.argv = sys.argv, argv  # config_flags discovers --config.* overrides from sys.argv
     try:
         fv(argv)
@@ -101,13 +120,25 @@ def main(argv=None) -> int:
     finally:
         sys.argv = saved_argv
 
+    if fv.plan:  # compile for a target and stop: nothing trained, nothing written but --plan_json
+        from dsjax.train.plan import cli
+
+        return cli(fv.config, fv.plan, json_path=fv.plan_json, search=fv.plan_search, mfu=fv.plan_mfu,
+                   device_memory_gib=fv.plan_device_memory)
     import jax
 
     from dsjax.config import validate
     from dsjax.train.trainer import NonFiniteError, train
 
-    if fv.distributed:
-        jax.distributed.initialize()
+    from dsjax import distributed
+
+    try:
+        distributed.check_flags(fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id)
+        if fv.distributed:
+            distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     config = fv.config
     try:
         validate(config)

@@ -51,8 +51,13 @@ DEFAULT_RULES = (
 _STATE = threading.local()
 
 
-def make_mesh(shape, axes=MESH_AXES, devices=None) -> Mesh:
-    """A mesh of `shape` over `axes`; one -1 entry takes the devices left over. Errors name `mesh.shape`."""
+def make_mesh(shape, axes=MESH_AXES, devices=None, dcn_shape=None) -> Mesh:
+    """A mesh of `shape` over `axes`; one -1 entry takes the devices left over. Errors name `mesh.shape`.
+
+    dcn_shape: how many slices (TPU) or hosts each axis spans, the rest of the axis being inside one (ICI, NVLink);
+    None: one slice, or, when the devices span several, all of them over the first axis they divide (see
+    `device_grid`).
+    """
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(axes):
@@ -68,7 +73,75 @@ def make_mesh(shape, axes=MESH_AXES, devices=None) -> Mesh:
         devices = devices[: math.prod(shape)]  # a smaller explicit mesh on one host: use the first devices
     if math.prod(shape) != len(devices):
         raise ConfigError(f"mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} are present.")
-    return Mesh(np.array(devices).reshape(shape), tuple(axes))
+    return Mesh(device_grid(shape, dcn_shape, devices), tuple(axes))
+
+
+def granules(devices) -> tuple[list[list], str]:
+    """The devices grouped by what the slow network (DCN) connects, and what the groups are: "slice" (TPU) where
+    the devices span several slices, else "process" (hosts)."""
+    kind = "slice" if len({getattr(d, "slice_index", 0) for d in devices}) > 1 else "process"
+    groups: dict[int, list] = {}
+    for device in devices:
+        groups.setdefault(getattr(device, f"{kind}_index"), []).append(device)
+    return [groups[key] for key in sorted(groups)], kind
+
+
+def device_grid(shape, dcn_shape, devices) -> np.ndarray:
+    """The devices as an array of `shape`, laid out as `jax.experimental.mesh_utils.create_hybrid_device_mesh`
+    does: each slice (or host) holds an ICI block of shape // dcn_shape, and the blocks tile the mesh by
+    `dcn_shape`, so only the axes that dcn_shape splits talk over DCN. Inside a block the order is
+    topology-aware on TPU (mesh_utils.create_device_mesh), by device id on GPU, as listed on CPU. dcn_shape None:
+    one block (over several hosts of one slice, ICI spans them), except across TPU slices, which go over the first
+    axis they divide."""
+    from jax.experimental import mesh_utils
+
+    shape, (groups, kind) = tuple(shape), granules(devices)
+    if dcn_shape is None:
+        if kind == "process" or len(groups) == 1:
+            return _ici_grid(shape, devices)
+        first = next((i for i, s in enumerate(shape) if s % len(groups) == 0), None)
+        if first is None:
+            raise ConfigError(f"mesh.shape={shape}: the devices span {len(groups)} slices, which divide no axis; "
+                              "set mesh.dcn_shape to how many slices each axis spans.")
+        dcn_shape = tuple(len(groups) if i == first else 1 for i in range(len(shape)))
+    dcn = check_dcn_shape(dcn_shape, len(shape))
+    if math.prod(dcn) != len(groups):
+        plural = {"slice": "slices", "process": "processes"}[kind]
+        raise ConfigError(f"mesh.dcn_shape={dcn} spans {math.prod(dcn)} {plural}, but the devices are on "
+                          f"{len(groups)}.")
+    bad = next((i for i, (s, d) in enumerate(zip(shape, dcn)) if s % d), None)
+    if bad is not None:
+        raise ConfigError(f"mesh.dcn_shape={dcn} does not divide mesh.shape={shape} (axis {bad}: {dcn[bad]} into "
+                          f"{shape[bad]}).")
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    if any(len(g) != math.prod(ici) for g in groups):
+        raise ConfigError(f"mesh.shape={shape} over mesh.dcn_shape={dcn} needs {math.prod(ici)} devices per "
+                          f"{kind}, but they hold {sorted({len(g) for g in groups})}.")
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=kind == "process",
+                                                    allow_split_physical_axes=True)
+    except NotImplementedError:  # no topology-aware layout for this block shape: each block in device order
+        blocks = np.empty(dcn, dtype=object)
+        for index, group in zip(np.ndindex(*dcn), groups):
+            blocks[index] = np.asarray(group, dtype=object).reshape(ici)
+        return np.block(blocks.tolist())
+
+
+def _ici_grid(shape, devices) -> np.ndarray:
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except NotImplementedError:
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def check_dcn_shape(dcn_shape, n_axes: int) -> tuple[int, ...]:
+    """mesh.dcn_shape as a tuple of positive ints, one per mesh axis, or ConfigError naming it."""
+    dcn = tuple(dcn_shape)
+    if len(dcn) != n_axes or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dcn):
+        raise ConfigError(f"mesh.dcn_shape={dcn} needs one positive size per mesh axis ({n_axes}).")
+    return dcn
 
 
 def logical_to_spec(axes, rules, shape=None, mesh: Mesh | None = None) -> PartitionSpec:

@@ -144,8 +144,7 @@ def test_mixture_gives_token_shares():
     # Two sources with 10-token and 100-token documents (by length alone): 80% / 20% of tokens asked.
     stats = [{"documents": 1000, "targets": 10_000}, {"documents": 1000, "targets": 100_000}]
     proportions = mixture.document_proportions([0.8, 0.2], stats)
-    stream = pipeline._document_stream([1000, 1000], proportions, split="train", seed=0, num_epochs=None,
-                                       process_index=0, process_count=1)
+    stream = pipeline._document_stream([1000, 1000], proportions, split="train", seed=0, num_epochs=None)
     tokens = np.zeros(2)
     for i in range(20_000):
         source, _ = stream[i]

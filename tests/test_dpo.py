@@ -160,8 +160,11 @@ def test_mesh_and_accumulation_give_the_same_numbers(assets, base_run, tmp_path,
     train(config, tmp_path / variant)
     for key in ("loss", "rewards/margins", "rewards/accuracies", "logits/chosen", "eval_loss",
                 "eval_rewards/margins", "eval_logps/chosen"):
-        np.testing.assert_allclose(series(tmp_path / variant, key), series(base_run, key), rtol=1e-5, atol=2e-5,
-                                   err_msg=key)
+        # At step 1 the policy is the reference: c and r are rounding noise, and which of them is larger (the
+        # strict accuracy) depends on the program's summation order; from step 2 on the margins decide it.
+        skip = 1 if key == "rewards/accuracies" else 0
+        np.testing.assert_allclose(series(tmp_path / variant, key)[skip:], series(base_run, key)[skip:], rtol=1e-5,
+                                   atol=2e-5, err_msg=key)
 
 
 def test_user_errors(assets, tmp_path):

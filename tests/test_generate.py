@@ -151,7 +151,8 @@ def test_cached_decode_logits_equal_full_forward(gqa):
     for step in range(steps + 1):
         for b, n in enumerate(lengths):
             full = last_logits(model, seqs[b, : n + step])
-            np.testing.assert_allclose(logits[b], full, atol=1e-5, rtol=0)
+            # float32 rounding of two different programs; a stale or misplaced cache entry is off by far more.
+            np.testing.assert_allclose(logits[b], full, atol=3e-5, rtol=0)
         if step == steps:
             break
         feed = seqs[np.arange(2), lengths + step]

@@ -22,6 +22,8 @@ FORBIDDEN = {
     "dsjax.config": ("dsjax.checkpoint", "dsjax.interop", "dsjax.data") + JOBS,
     "dsjax.scaling": ("dsjax.checkpoint", "dsjax.interop", "dsjax.data") + JOBS,
     "dsjax.checkpoint": ("dsjax.config",) + JOBS,
+    "dsjax.distributed": ("dsjax.model", "dsjax.data", "dsjax.kernels", "dsjax.config", "dsjax.checkpoint",
+                          "dsjax.interop", "dsjax.sharding") + JOBS,
     # generation and evaluation serve checkpoints without the trainer; evaluation may generate.
     "dsjax.generate": ("dsjax.train", "dsjax.eval", "dsjax.main", "dsjax.convert", "dsjax.chat"),
     "dsjax.eval": ("dsjax.train", "dsjax.main", "dsjax.convert", "dsjax.chat"),

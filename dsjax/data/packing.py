@@ -20,6 +20,7 @@ restores the wrong rows), and restoring reads one chunk again instead of replayi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grain
@@ -78,28 +79,39 @@ class _PackedRowsIterator(grain.DatasetIterator):
         return self._chunk[self._doc]
 
     def __next__(self) -> dict[str, np.ndarray]:
-        row = empty_row(self._seq_len, self._pad_id)
-        filled, segment = 0, 0
+        return self._fill(self._plan())
+
+    def _plan(self) -> list:
+        """Advances over the next row's documents by their shapes alone: the row's pieces (doc, start, take)."""
+        pieces, filled = [], 0
         while filled < self._seq_len:
             doc = self._current_document()
             if doc is None:
                 break
             start = self._offset
-            take = min(len(doc) - 1 - start, self._seq_len - filled)
+            take = min(doc.shape[-1] - 1 - start, self._seq_len - filled)
             if take > 0:
-                end = filled + take
-                segment += 1
-                row["tokens"][filled:end] = doc[start : start + take]
-                row["targets"][filled:end] = doc[start + 1 : start + take + 1]
-                row["segment_ids"][filled:end] = segment
-                row["positions"][filled:end] = self._arange[:take]
-                row["loss_weights"][filled:end] = 1.0
-                filled = end
+                pieces.append((doc, start, take))
+                filled += take
                 self._offset = start + take
-            if self._offset >= len(doc) - 1:  # done with it (a document of fewer than 2 tokens has no pair)
+            if self._offset >= doc.shape[-1] - 1:  # done with it (a document of fewer than 2 tokens has no pair)
                 self._doc, self._offset = self._doc + 1, 0
-        if filled == 0:
+        if not pieces:
             raise StopIteration
+        return pieces
+
+    def _fill(self, pieces: list) -> dict[str, np.ndarray]:
+        """The row of planned pieces, each doc now an array."""
+        row = empty_row(self._seq_len, self._pad_id)
+        filled = 0
+        for segment, (doc, start, take) in enumerate(pieces, start=1):
+            end = filled + take
+            row["tokens"][filled:end] = doc[start : start + take]
+            row["targets"][filled:end] = doc[start + 1 : start + take + 1]
+            row["segment_ids"][filled:end] = segment
+            row["positions"][filled:end] = self._arange[:take]
+            row["loss_weights"][filled:end] = 1.0
+            filled = end
         return row
 
     def get_state(self) -> dict[str, Any]:
@@ -163,28 +175,34 @@ class _PackedConversationsIterator(_PackedRowsIterator):
         super().__init__(parent, seq_len, pad_id)
         self._packing = packing
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        row = empty_row(self._seq_len, self._pad_id)
-        filled, segment = 0, 0
-        while filled < self._seq_len and not (segment and not self._packing):
+    def _plan(self) -> list:
+        pieces, filled = [], 0
+        while filled < self._seq_len and not (pieces and not self._packing):
             conv = self._current_document()
             if conv is None:
                 break
-            take = min(conv.shape[1] - 1, self._seq_len)
+            take = min(conv.shape[-1] - 1, self._seq_len)
             if take > 0:
                 if filled + take > self._seq_len:
                     break  # it starts the next row
-                end = filled + take
-                segment += 1
-                row["tokens"][filled:end] = conv[0, :take]
-                row["targets"][filled:end] = conv[0, 1 : take + 1]
-                row["loss_weights"][filled:end] = conv[1, 1 : take + 1]
-                row["segment_ids"][filled:end] = segment
-                row["positions"][filled:end] = self._arange[:take]
-                filled = end
+                pieces.append((conv, take))
+                filled += take
             self._doc, self._offset = self._doc + 1, 0
-        if filled == 0:
+        if not pieces:
             raise StopIteration
+        return pieces
+
+    def _fill(self, pieces: list) -> dict[str, np.ndarray]:
+        row = empty_row(self._seq_len, self._pad_id)
+        filled = 0
+        for segment, (conv, take) in enumerate(pieces, start=1):
+            end = filled + take
+            row["tokens"][filled:end] = conv[0, :take]
+            row["targets"][filled:end] = conv[0, 1 : take + 1]
+            row["loss_weights"][filled:end] = conv[1, 1 : take + 1]
+            row["segment_ids"][filled:end] = segment
+            row["positions"][filled:end] = self._arange[:take]
+            filled = end
         return row
 
 
@@ -212,9 +230,13 @@ class PackedPairsIterDataset(grain.IterDataset):
         return f"PackedPairsIterDataset(seq_len={self._seq_len}, packing={self._packing})"
 
 
+def _second_bos(record: np.ndarray, bos_id: int) -> int:
+    return int(np.flatnonzero(record[0] == bos_id)[1])
+
+
 def split_pair(record: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A pair record -> (chosen, rejected) (2, n) arrays, split where the second bos starts the rejected one."""
-    second = int(np.flatnonzero(record[0] == bos_id)[1])
+    second = _second_bos(record, bos_id)
     return record[:, :second], record[:, second:]
 
 
@@ -234,27 +256,101 @@ class _PackedPairsIterator(_PackedRowsIterator):
         super().__init__(parent, seq_len, pad_id)
         self._bos_id, self._packing = bos_id, packing
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        halves = [empty_row(self._seq_len, self._pad_id) for _ in range(2)]
-        filled, segment = [0, 0], 0
-        while not (segment and not self._packing):
+    def _plan(self) -> list:
+        pieces, filled = [], (0, 0)
+        while not (pieces and not self._packing):
             record = self._current_document()
             if record is None:
                 break
-            sides = split_pair(record, self._bos_id)
-            takes = [min(side.shape[1] - 1, self._seq_len) for side in sides]
+            split = record.split if isinstance(record, Stub) else _second_bos(record, self._bos_id)
+            takes = (min(split - 1, self._seq_len), min(record.shape[-1] - split - 1, self._seq_len))
             if any(f + t > self._seq_len for f, t in zip(filled, takes)):
                 break  # it starts the next row pair
-            segment += 1
-            for row, side, take, i in zip(halves, sides, takes, range(2)):
-                start, end = filled[i], filled[i] + take
+            pieces.append((record, split, takes))
+            filled = (filled[0] + takes[0], filled[1] + takes[1])
+            self._doc, self._offset = self._doc + 1, 0
+        if not pieces:
+            raise StopIteration
+        return pieces
+
+    def _fill(self, pieces: list) -> dict[str, np.ndarray]:
+        halves = [empty_row(self._seq_len, self._pad_id) for _ in range(2)]
+        filled = [0, 0]
+        for segment, (record, split, takes) in enumerate(pieces, start=1):
+            for i, (side, take) in enumerate(zip((record[:, :split], record[:, split:]), takes)):
+                row, start, end = halves[i], filled[i], filled[i] + take
                 row["tokens"][start:end] = side[0, :take]
                 row["targets"][start:end] = side[0, 1 : take + 1]
                 row["loss_weights"][start:end] = side[1, 1 : take + 1]
                 row["segment_ids"][start:end] = segment
                 row["positions"][start:end] = self._arange[:take]
                 filled[i] = end
-            self._doc, self._offset = self._doc + 1, 0
-        if segment == 0:
-            raise StopIteration
         return {k: np.stack([halves[0][k], halves[1][k]]) for k in FIELDS}
+
+
+# ------------------------------------------------------------------------------------------- one process's share
+
+
+@dataclasses.dataclass(frozen=True)
+class Stub:
+    """A record known by its key and shape alone (from the prepared lengths), read only if a kept row needs it.
+    `split`: where a preference record's rejected half starts (its chosen length)."""
+
+    key: tuple[int, int]
+    shape: tuple[int, ...]
+    split: int | None = None
+
+
+class ShardedBatchesIterDataset(grain.IterDataset):
+    """Global batches of `per_batch` packed items (rows, or row pairs) of which this process keeps items [lo, hi).
+
+    Every process plans every item of the global stream from the records' shapes (cheap: no reading), so row r of
+    global batch t is the same on every process count; it reads, with one call per batch, only the records that its
+    own items hold (`load`: stubs -> arrays), and the shares of all processes concatenate to the single-process
+    batch. The state is the packer's, taken between global batches, so it is the same on every process and a run
+    resumes on any number of them.
+    """
+
+    def __init__(self, packed: grain.IterDataset, *, per_batch: int, keep: tuple[int, int], load):
+        super().__init__(packed)
+        self._per_batch, self._keep, self._load = per_batch, keep, load
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _ShardedBatchesIterator(self._parent.__iter__(), self._per_batch, self._keep, self._load)
+
+    def __str__(self) -> str:
+        return f"ShardedBatchesIterDataset(per_batch={self._per_batch}, keep={self._keep})"
+
+
+class _ShardedBatchesIterator(grain.DatasetIterator):
+    def __init__(self, packer: _PackedRowsIterator, per_batch: int, keep: tuple[int, int], load):
+        super().__init__(packer)
+        self._per_batch, (self._lo, self._hi), self._load = per_batch, keep, load
+        self._loaded: dict[Stub, np.ndarray] = {}  # the records of the last batch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        kept = []
+        for item in range(self._per_batch):
+            try:
+                pieces = self._parent._plan()
+            except StopIteration:
+                break
+            if self._lo <= item < self._hi:
+                kept.append(pieces)
+        if not kept:
+            raise StopIteration
+        stubs = dict.fromkeys(p[0] for pieces in kept for p in pieces if isinstance(p[0], Stub))
+        # A long document continues over several batches: keep the last batch's records, read each one once.
+        missing = [stub for stub in stubs if stub not in self._loaded]
+        arrays = {stub: self._loaded[stub] for stub in stubs if stub in self._loaded}
+        arrays.update(zip(missing, self._load(missing)) if missing else ())
+        self._loaded = arrays
+        rows = [self._parent._fill([(arrays[p[0]] if isinstance(p[0], Stub) else p[0], *p[1:]) for p in pieces])
+                for pieces in kept]
+        return {k: np.stack([row[k] for row in rows]) for k in FIELDS}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)

@@ -5,10 +5,13 @@
     state = loader.get_state()  # JSON-serializable; a new loader given set_state(state) continues exactly
 
 Stages: grain works out which document comes when (a record index per dataset -> global shuffle by seed, a new
-order every epoch -> this process's share, every process_count-th document -> weighted mixture, mixture.py); then
-chunks of 32 documents are read from the ArrayRecord shards in threads (records.py) -> packing (packing.py) ->
-batches of global_batch_size // process_count rows. Packing runs in the caller's thread, which overlaps the device
-anyway: JAX dispatches a train step asynchronously.
+order every epoch -> weighted mixture, mixture.py); then chunks of 32 documents are read from the ArrayRecord shards
+in threads (records.py) -> packing (packing.py) -> global batches of global_batch_size rows, of which this process
+keeps rows [process_index * rows, (process_index + 1) * rows), rows = global_batch_size // process_count. With
+several processes each one plans every row from the prepared lengths but reads only the records its own rows hold
+(packing.ShardedBatchesIterDataset), so the processes' shares concatenate to the single-process batch, and the
+loader state (the same on every process) resumes on any process count. Packing runs in the caller's thread, which
+overlaps the device anyway: JAX dispatches a train step asynchronously.
 "train" is shuffled and endless unless num_epochs is given; "val" is one pass in stored order, padded with empty
 batches so that every process yields the same number (`num_batches`), as multi-host evaluation needs.
 
@@ -134,18 +137,33 @@ def _document_stream(
     split: str,
     seed: int,
     num_epochs: int | None,
-    process_index: int,
-    process_count: int,
 ) -> grain.MapDataset:
-    """Which (dataset, record) comes when on this process: index arithmetic only, no reading."""
+    """Which (dataset, record) comes when, the same on every process: index arithmetic only, no reading."""
     parts = [grain.MapDataset.range(n).map(functools.partial(_key, i)) for i, n in enumerate(sizes)]
     if split == "val":
-        return grain.MapDataset.concatenate(parts).repeat(num_epochs)[process_index::process_count]
-    shares = [
-        part.shuffle(seed=_sub_seed(seed, i)).repeat(num_epochs)[process_index::process_count]
-        for i, part in enumerate(parts)
-    ]
-    return shares[0] if len(shares) == 1 else grain.MapDataset.mix(shares, proportions)
+        return grain.MapDataset.concatenate(parts).repeat(num_epochs)
+    shuffled = [part.shuffle(seed=_sub_seed(seed, i)).repeat(num_epochs) for i, part in enumerate(parts)]
+    return shuffled[0] if len(shuffled) == 1 else grain.MapDataset.mix(shuffled, proportions)
+
+
+class _Stubs:
+    """Chunks of keys -> packing.Stub records (shapes from the prepared lengths), for a process that reads only
+    the records its own rows hold."""
+
+    def __init__(self, lengths: list[np.ndarray], fmt: str):
+        self.lengths, self.fmt = lengths, fmt
+
+    def __call__(self, keys: list[tuple[int, int]]) -> list[packing.Stub]:
+        out = []
+        for dataset, record in keys:
+            n = self.lengths[dataset][record]
+            if self.fmt == "text":
+                out.append(packing.Stub((dataset, record), (int(n),)))
+            elif self.fmt == "chat":
+                out.append(packing.Stub((dataset, record), (2, int(n))))
+            else:
+                out.append(packing.Stub((dataset, record), (2, int(n[0]) + int(n[1])), split=int(n[0])))
+        return out
 
 
 class Loader:
@@ -254,10 +272,7 @@ def make_loader(
         [s.manifest["splits"][split] for s in sources],
     )
     sizes = [s.manifest["splits"][split]["documents"] for s in sources]
-    stream = functools.partial(
-        _document_stream, sizes, proportions, split=split, seed=seed, num_epochs=num_epochs,
-        process_count=process_count,
-    )
+    stream = _document_stream(sizes, proportions, split=split, seed=seed, num_epochs=num_epochs)
     reader = records.DocumentReader(
         [[s.dir / shard for shard in s.manifest["splits"][split]["shards"]] for s in sources],
         np.dtype(sources[0].manifest["token_dtype"]),
@@ -267,29 +282,36 @@ def make_loader(
         if reader.num_records(i) != sizes[i]:
             raise DataError(f"{source.dir} holds {reader.num_records(i)} {split} records but its manifest lists "
                             f"{sizes[i]}; prepare it again.")
+    key = "pair_lengths" if fmt == "preference" else "lengths"
+    lengths = [np.load(s.dir / s.manifest["splits"][split][key], mmap_mode="r") for s in sources]
+    # One process reads whole chunks ahead in threads; of several, each plans every row from the lengths and reads
+    # only the records of its own rows (packing.ShardedBatchesIterDataset).
     threads = int(config.data.num_threads)
-    chunks = stream(process_index=process_index).batch(_CHUNK, batch_fn=list).map(reader.read)
+    chunks = stream.batch(_CHUNK, batch_fn=list).map(reader.read if process_count == 1 else _Stubs(lengths, fmt))
     read = chunks.to_iter_dataset(
         grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_READ_AHEAD if threads else 0)
     )
     pad_id = sources[0].manifest["tokenizer"]["pad_id"]
     if fmt == "text":
-        batches = packing_module.PackedRowsIterDataset(read, seq_len=seq_len, pad_id=pad_id).batch(rows)
+        packed = packing_module.PackedRowsIterDataset(read, seq_len=seq_len, pad_id=pad_id)
     elif fmt == "chat":
         packed = packing_module.PackedConversationsIterDataset(read, seq_len=seq_len, pad_id=pad_id, packing=packing)
-        batches = packed.batch(rows)
     else:
         packed = packing_module.PackedPairsIterDataset(read, seq_len=seq_len, pad_id=pad_id, packing=packing,
                                                        bos_id=sources[0].manifest["tokenizer"]["bos_id"])
-        batches = packed.batch(rows // 2).map(_interleave_pairs)
+    per_item = 2 if fmt == "preference" else 1  # a preference item is a row pair
+    mine = rows // per_item
+    batches = packing_module.ShardedBatchesIterDataset(
+        packed, per_batch=global_batch_size // per_item, keep=(process_index * mine, (process_index + 1) * mine),
+        load=lambda stubs: reader.read([stub.key for stub in stubs]))
+    if fmt == "preference":
+        batches = batches.map(_interleave_pairs)
     num_batches = None
     if num_epochs is not None:
-        key = "pair_lengths" if fmt == "preference" else "lengths"
-        lengths = [np.load(s.dir / s.manifest["splits"][split][key]) for s in sources]
         count = {"text": _count_batches,
                  "chat": functools.partial(_count_conversation_batches, packing=packing),
                  "preference": functools.partial(_count_pair_batches, packing=packing)}[fmt]
-        num_batches = max(count(stream(process_index=p), lengths, seq_len, rows) for p in range(process_count))
+        num_batches = count(stream, lengths, seq_len, global_batch_size)
     return Loader(batches, reader, rows=rows, seq_len=seq_len, pad_id=pad_id, num_batches=num_batches,
                   stats=split_stats(sources, split), tokenizer_path=tokenizer_path(sources), data_format=fmt)
 

@@ -307,6 +307,9 @@ def save_model(
     Tensors are fetched and converted one (layer) at a time and written in shards of at most `max_shard_bytes`.
     The directory appears only once complete (written beside it, then renamed); an existing non-empty `out_dir`
     is refused unless `overwrite`. extra_files: {name: content} written beside the weights (the tokenizer).
+    Multi-process (arrays no process holds whole): every process calls it and takes part in gathering each tensor
+    (`multihost_utils.process_allgather`, one at a time, so a host holds one tensor more than its shards); process
+    0 alone writes.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -335,6 +338,11 @@ def save_model(
         size += nbytes
     shards.append(current)
 
+    if jax.process_index() > 0:  # gather with process 0, which writes
+        for _, _, value, layer in entries:
+            _fetch(value, layer)
+        _barrier("dsjax-save-hf")
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -343,7 +351,7 @@ def save_model(
             fname = "model.safetensors" if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
             for name, tmap, value, layer in shard:
-                host = np.asarray(jax.device_get(value[layer] if layer is not None else value))
+                host = _fetch(value, layer)
                 tensors[name] = to_hf(host, tmap.in_dims).astype(out_dtype)
                 weight_map[name] = fname
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
@@ -365,4 +373,22 @@ def save_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _barrier("dsjax-save-hf")
     return out_dir
+
+
+def _fetch(value: jax.Array, layer: int | None) -> np.ndarray:
+    """One tensor (one layer's slice of a stacked one) on the host, gathered from every process if need be."""
+    piece = value[layer] if layer is not None else value
+    if getattr(piece, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(piece))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(piece, tiled=True))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -72,6 +72,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     return step
 
 
+def jit_train_step(graphdef, tx, loss_fn, grad_accum_steps: int, schedule, shardings, batch_sharding):
+    """The jitted train step of a run: state in and out on its shardings, donated; metrics replicated.
+
+    One function for the trainer and for `--plan` (dsjax/train/plan.py), so what the plan compiles for a target is
+    exactly what the run executes.
+    """
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(make_train_step(graphdef, tx, loss_fn, grad_accum_steps, schedule),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
+
+
 def make_eval_step(graphdef, loss_fn: Callable) -> Callable:
     """eval_step(params, frozen, batch) -> {"loss", "weight", "aux"} sums, added up over the held-out batches."""
 

@@ -41,7 +41,7 @@ from dsjax.train.checkpoint import TrainCheckpointer, barrier, move_previous_run
 from dsjax.train.optimizer import make_optimizer, make_schedule
 from dsjax.train.resolve import resolve
 from dsjax.train.state import abstract_state, create_state, graphdef_of, state_shardings
-from dsjax.train.step import make_eval_step, make_train_step
+from dsjax.train.step import jit_train_step, make_eval_step
 from dsjax.train.tasks import task_class
 
 # Keys of the step's metrics that are the trainer's own; every other key is an aux metric of the task.
@@ -89,7 +89,7 @@ class Trainer:
         validate_train(config)
         self.workdir, self.restart, self.profile = Path(workdir), restart, profile
         self.model_cfg = model_config(config)
-        self.mesh = shd.make_mesh(config.mesh.shape, tuple(config.mesh.axes))
+        self.mesh = shd.make_mesh(config.mesh.shape, tuple(config.mesh.axes), dcn_shape=config.mesh.dcn_shape)
         self.rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in config.mesh.rules)
         self.config = config = resolve(config, self.mesh, self.rules, log=_log)
         self.task = (task or task_class(config.task))(config)
@@ -117,9 +117,8 @@ class Trainer:
         self.graphdef = graphdef_of(self.model_cfg)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.step_fn = jax.jit(make_train_step(self.graphdef, self.tx, self.task.loss, accum, self.schedule),
-                               in_shardings=(self.shardings, self.batch_sharding),
-                               out_shardings=(self.shardings, replicated), donate_argnums=(0,))
+        self.step_fn = jit_train_step(self.graphdef, self.tx, self.task.loss, accum, self.schedule, self.shardings,
+                                      self.batch_sharding)
         self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.task.loss),
                                in_shardings=(self.shardings["params"], self.shardings.get("frozen"),
                                              self.batch_sharding), out_shardings=replicated)

@@ -38,6 +38,8 @@ held-out rewards are measured against the reference, never against the policy be
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,7 @@ from dsjax.data import pipeline
 from dsjax.errors import ConfigError, DataError
 from dsjax.train.loss import cross_entropy
 from dsjax.train.state import abstract_params, param_axes
+from dsjax.train.tasks import answers
 from dsjax.train.tasks.base import Frozen, Task
 
 # The logged metrics, TRL's names (eval_ prefixed for the held-out pairs).
@@ -149,19 +152,49 @@ def load_reference(config, model_cfg, shardings) -> dict:
     return params_ckpt.params_dict(model)
 
 
+SYNTHETIC = "synthetic"  # data.datasets name of the demo's on-policy pairs (dpo_synthetic.py)
+
+
 class DPOTask(Task):
     name = "dpo"
 
     def __init__(self, config):
         super().__init__(config)
         reference_path(config)
+        init_from = config.train.init_from
+        if init_from and not Path(init_from).expanduser().exists():
+            hint = (" (run the SFT stage first: python -m dsjax.main --config=tiny_sft)"
+                    if Path(init_from) == Path("runs/tiny_sft") else "")
+            raise ConfigError(f"train.init_from={init_from} does not exist{hint}; set train.init_from to the SFT "
+                              "model: a checkpoint, a training workdir or a Hugging Face model directory.")
+        names = [n.strip() for n in str(config.data.datasets).split(",") if n.strip()]
+        if config.dpo.exact_match_examples and names != [SYNTHETIC]:
+            raise ConfigError("dpo.exact_match_examples needs data.datasets=synthetic (held-out problems with known "
+                              "answers); set it to 0 for other data.")
+        if SYNTHETIC in names and not init_from:
+            raise ConfigError("data.datasets=synthetic samples the SFT model's answers: set train.init_from.")
         self.reference = None  # dpo_reference.ReferenceLogps once setup() ran (precomputed mode)
+        self.resolved = SYNTHETIC not in names
+        self.before: dict = {}
+
+    def _resolve_data(self, log=print) -> None:
+        """Builds the synthetic pairs (once, cached) and points this task's config at them."""
+        if self.resolved:
+            return
+        from dsjax.train.tasks.dpo_synthetic import synthetic_pairs
+
+        path = synthetic_pairs(self.config, log)
+        names = [n.strip() for n in str(self.config.data.datasets).split(",") if n.strip()]
+        config = self.config.copy_and_resolve_references()
+        config.data.datasets = ",".join(str(path) if n == SYNTHETIC else n for n in names)
+        self.config, self.resolved = config, True
 
     @property
     def precomputed(self) -> bool:
         return self.config.dpo.reference == "precomputed"
 
     def _loader(self, split, **kw):
+        self._resolve_data()
         loader = pipeline.make_loader(self.config, split, seq_len=self.config.train.seq_len,
                                       packing=bool(self.config.dpo.packing), **kw)
         if loader.data_format != "preference":
@@ -178,6 +211,7 @@ class DPOTask(Task):
             loader.close()
 
     def setup(self, *, mesh, rules, batch_sharding, workdir, log):
+        self._resolve_data(log)
         cfg = self.config
         unit = 2 * shd.data_parallel_size(mesh, rules)
         checks = [("train.global_batch_size", cfg.train.global_batch_size // cfg.train.grad_accum_steps)]
@@ -224,4 +258,29 @@ class DPOTask(Task):
         return summarize_dpo(means, prefix)
 
     def tokenizer(self):
+        self._resolve_data()
         return pipeline.load_config_tokenizer(self.config)
+
+    # ------------------------------------------------------------------------------------ greedy answers
+
+    def _answer_metrics(self, model, log, chats: int = 0) -> dict:
+        n = self.config.dpo.exact_match_examples
+        if not n:
+            return {}
+        from dsjax.train.tasks.dpo_synthetic import exact_match_prompts
+
+        tok = self.tokenizer()
+        prompts, references = exact_match_prompts(self.config, tok)
+        return answers.answer_metrics(model, tok, prompts, references, exact_match_examples=n, repetition_prompts=n,
+                                      max_new_tokens=self.config.dpo.max_new_tokens, log=log, chats=chats)
+
+    def on_eval(self, model, step, log) -> dict:
+        if step != 0:
+            return {}  # before training here; after, in `report`
+        self.before = self._answer_metrics(model, log)
+        return self.before
+
+    def report(self, model, mesh, log):
+        metrics = self._answer_metrics(model, log, chats=3)
+        answers.log_before_after(self.before, metrics, log)
+        return metrics

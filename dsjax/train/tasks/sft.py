@@ -24,8 +24,8 @@ from dsjax.data import chat, pipeline, prepare, records, synthetic
 from dsjax.data.corpus import cache_root
 from dsjax.data.tokenizer import load_tokenizer
 from dsjax.errors import ConfigError
-from dsjax.eval.repetition import is_repetitive
 from dsjax.train.loss import next_token_loss
+from dsjax.train.tasks import answers
 from dsjax.train.tasks.base import Task
 
 SYNTHETIC = "synthetic"
@@ -161,31 +161,13 @@ class SFTTask(Task):
         count = max(sft.repetition_prompts, sft.exact_match_examples)
         if not count:
             return {}
-        from dsjax.generate import Generator
-
         tok = self.tokenizer()
         pairs = held_out_pairs(self.sources[0], count)
-        if not pairs:
-            return {}
-        generator = Generator(model, tok)
-        room = self.config.model.max_seq_len - sft.max_new_tokens
-        prompts = [p[-room:] for p, _ in pairs]
-        out = generator.generate(prompts, max_new_tokens=sft.max_new_tokens)
-        answers = [chat.response_text(tok, c.ids) for c in out]
         references = [chat.response_text(tok, ref) for _, ref in pairs]
-        metrics = {}
-        if sft.exact_match_examples:
-            n = min(sft.exact_match_examples, len(pairs))
-            metrics["exact_match"] = float(np.mean([a.strip() == r.strip() for a, r in
-                                                    zip(answers[:n], references[:n])]))
-        if sft.repetition_prompts:
-            n = min(sft.repetition_prompts, len(pairs))
-            metrics["repetition_ratio"] = float(np.mean([is_repetitive(a, c.finish_reason != "length")
-                                                         for a, c in zip(answers[:n], out.completions[:n])]))
-        for i in range(min(chats, len(pairs))):
-            prompt = tok.decode([t for t in pairs[i][0] if t != tok.bos_id])
-            log(f"--- chat {i + 1}:\n{prompt} {answers[i]}\n(reference: {references[i]!r})")
-        return metrics
+        return answers.answer_metrics(model, tok, [p for p, _ in pairs], references,
+                                      exact_match_examples=sft.exact_match_examples,
+                                      repetition_prompts=sft.repetition_prompts, max_new_tokens=sft.max_new_tokens,
+                                      log=log, chats=chats)
 
     def on_eval(self, model, step, log) -> dict:
         final = step >= self.config.train.steps
@@ -198,7 +180,5 @@ class SFTTask(Task):
 
     def report(self, model, mesh, log):
         metrics = self._generate_metrics(model, log, chats=3)
-        for key, value in metrics.items():
-            before = f"{self.before[key]:.3f} before training, " if key in self.before else ""
-            log(f"{key}: {before}{value:.3f} after (held-out, greedy)")
+        answers.log_before_after(self.before, metrics, log)
         return metrics
