@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dsjax.data import prepare, synthetic
 from dsjax.errors import ConfigError
-from dsjax.train.tasks.dpo_synthetic import label_pairs
+from dsjax.train.tasks.dpo_synthetic import label_pairs, synthetic_pairs
 from dsjax.train.trainer import Trainer, train
 from tests.test_data_common import train_small_tokenizer
 from tests.train_utils import small_config
@@ -76,8 +76,8 @@ def test_demo_pairs_train_and_are_reused(sft_model, tmp_path, capsys):
     first, last = records[0], [r for r in records if "exact_match" in r][-1]
     assert first["step"] == 0 and "exact_match" in first and "eval_rewards/accuracies" in first
     assert 0.0 <= last["exact_match"] <= 1.0 and "repetition_ratio" in last and last is not first
-    # A second run with the same SFT model and settings reuses the pairs.
-    train(demo_config(sft_model), tmp_path / "again")
+    # The same SFT model and settings reuse the pairs.
+    assert synthetic_pairs(demo_config(sft_model)) == prepared
     assert "sampling" not in capsys.readouterr().out
 
 

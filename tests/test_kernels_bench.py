@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow  # 25 s on 2 cores: the script's own smoke run; the kernels it times are tested elsewhere
 def test_smoke_run_prints_tables(bench, capsys):
     bench.main(["--smoke", "--masks", "causal", "--heads", "4/2", "--doc_len", "32"])
     out = capsys.readouterr().out
