@@ -153,6 +153,8 @@ def main(argv=None) -> int:
         print("interrupted before training started; nothing was saved beyond what the workdir already held.",
               file=sys.stderr)
         return 130
+    if jax.process_index() != 0:  # one summary per job, from process 0, like the trainer's own log lines
+        return 128 + int(result["preempted"]) if result.get("preempted") else 0
     if result.get("preempted"):
         signum = result["preempted"]
         print(f"stopped by {signum.name} at step {result['step']} (preempted): the checkpoint is saved and the same "

@@ -8,7 +8,8 @@ config map those names onto a mesh with axes (data, fsdp, tensor):
   additionally split over `data`, as in the paper's HAI-LLM.
 - fsdp: data parallelism whose parameters, gradients and optimizer state are split (ZeRO-3 / FSDP): the batch is split
   over it and the `embed` dimension of every weight is too.
-- tensor: Megatron-style tensor parallelism over heads, the FFN width and the vocabulary.
+- tensor: Megatron-style tensor parallelism over heads, the FFN width and the vocabulary, and sequence parallelism
+  (`act_seq`): between those blocks the activations are split along the sequence, not repeated on every device.
 
 Inside `use_rules(mesh, rules)` activation constraints apply; outside they are no-ops, so a model runs unchanged on
 one device. A rule whose mesh axes do not divide a dimension is dropped for that tensor (it stays replicated there).
@@ -32,6 +33,9 @@ DEFAULT_RULES = (
     # activations
     ("batch", ("data", "fsdp")),
     ("seq", None),
+    # The residual stream between the attention and MLP blocks (norms, adds), split along the sequence over the
+    # tensor axis: Megatron-style sequence parallelism. Attention and the MLP gather it; None turns it off.
+    ("act_seq", "tensor"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

@@ -22,6 +22,7 @@ from dsjax.generate import generator
 from dsjax.generate import sampling as S
 from dsjax.generate.chat import chat_prompt_ids, render_chat, stream_reply
 from dsjax.interop.hf import load_model
+from dsjax.model.transformer import unstack_layers
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_VOCAB = 300  # the model's vocab is padded above it: ids 300..319 must never come out
@@ -137,8 +138,10 @@ def test_greedy_matches_transformers_generate(hf_dirs, shape):
         assert with_eos(completion) == hf_greedy(hf, prompt, new)
 
 
-def test_cached_decode_logits_equal_full_forward(gqa):
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked_slices", "unstacked_layers"])
+def test_cached_decode_logits_equal_full_forward(gqa, unstacked):
     model, _ = gqa
+    layers = unstack_layers(model) if unstacked else None
     rs = np.random.RandomState(2)
     lengths = np.array([5, 12], np.int32)
     steps = 6
@@ -146,7 +149,7 @@ def test_cached_decode_logits_equal_full_forward(gqa):
     tokens = np.zeros((2, 16), np.int32)
     for b, n in enumerate(lengths):
         tokens[b, :n] = seqs[b, :n]
-    logits, cache = jax.jit(model.prefill, static_argnums=2)(tokens, lengths, 32)
+    logits, cache = jax.jit(model.prefill, static_argnums=2)(tokens, lengths, 32, layers)
     decode = jax.jit(model.decode)
     for step in range(steps + 1):
         for b, n in enumerate(lengths):
@@ -156,7 +159,7 @@ def test_cached_decode_logits_equal_full_forward(gqa):
         if step == steps:
             break
         feed = seqs[np.arange(2), lengths + step]
-        logits, cache = decode(jnp.asarray(feed), cache, jnp.asarray(lengths + step))
+        logits, cache = decode(jnp.asarray(feed), cache, jnp.asarray(lengths + step), layers)
 
 
 def test_alone_equals_in_batch(gqa):

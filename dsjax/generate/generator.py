@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding
 from dsjax import sharding
 from dsjax.errors import ConfigError
 from dsjax.generate.sampling import SamplingParams, sample
+from dsjax.model import transformer
 from dsjax.model.cache import KVCache
 
 MIN_BUCKET = 16
@@ -116,10 +117,11 @@ def _mark_seen(seen, tokens, where):
 
 @functools.partial(jax.jit, static_argnames="static")
 def _prefill(params, tokens, lengths, budget, key, static: Static) -> DecodeState:
-    model = nnx.merge(static.graphdef, params)
+    (stacked, rest), layers = params
+    model = nnx.merge(static.graphdef, stacked, rest)
     batch, seq = tokens.shape
     tokens = sharding.constrain(tokens, ("batch", "seq"))
-    logits, cache = model.prefill(tokens, lengths, static.cache_len)
+    logits, cache = model.prefill(tokens, lengths, static.cache_len, layers)
     track = static.sampling.repetition_penalty != 1
     seen = jnp.zeros((batch, logits.shape[-1] if track else 0), bool)
     seen = _mark_seen(seen, tokens, jnp.arange(seq)[None, :] < lengths[:, None])
@@ -145,14 +147,15 @@ def _prefill(params, tokens, lengths, budget, key, static: Static) -> DecodeStat
 @functools.partial(jax.jit, static_argnames="static", donate_argnames="state")
 def _decode(params, state: DecodeState, limit, static: Static) -> DecodeState:
     """Decode steps until every row is done or `step` reaches `limit` (<= out_len)."""
-    model = nnx.merge(static.graphdef, params)
+    (stacked, rest), layers = params
+    model = nnx.merge(static.graphdef, stacked, rest)
     track = static.sampling.repetition_penalty != 1
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        logits, cache = model.decode(s.token, s.cache, s.lengths)
+        logits, cache = model.decode(s.token, s.cache, s.lengths, layers)
         lengths = jnp.where(s.done, s.lengths, s.lengths + 1)
         key = jax.random.fold_in(s.key, s.step)
         token = sample(logits, key, s.seen if track else None, static.sampling, static.vocab_size)
@@ -174,10 +177,23 @@ class Generator:
     """Generation for one model: `generator.run(...)` streams host snapshots, `generate(...)` collects them.
 
     Holds the split model so repeated calls reuse the compiled programs (the jit cache keys on `Static`).
+    `unstack_layers` (default: on the CPU backend) keeps one copy of each layer's weights instead of the stacked
+    arrays (the model's own are then no longer referenced by the generator): on XLA:CPU a layer's slice of a stacked
+    weight is copied out before every matmul, which made decoding ~2-3x slower (README "Generation"). Elsewhere
+    the static slices of the stacked weights feed the matmuls directly.
     """
 
-    def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, eos_id: int | None = None):
-        self.graphdef, self.params = nnx.split(model)
+    def __init__(self, model, tokenizer=None, *, vocab_size: int | None = None, eos_id: int | None = None,
+                 unstack_layers: bool | None = None):
+        self.graphdef, stacked, rest = nnx.split(model, nnx.PathContains("layers"), ...)
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() == "cpu"
+        layers = None
+        if unstack_layers:
+            layers = transformer.unstack_layers(model)
+            # The stacked weights stay in the graph with zero layers (never read), so the model merges as usual.
+            stacked = jax.tree.map(lambda a: jnp.zeros((0,) + a.shape[1:], a.dtype), stacked)
+        self.params = ((stacked, rest), layers)
         self.config = model.config
         self.tokenizer = tokenizer
         tok_vocab = tokenizer.vocab_size if tokenizer is not None else self.config.vocab_size

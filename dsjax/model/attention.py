@@ -8,7 +8,7 @@ from flax import nnx
 
 from dsjax.model import params
 from dsjax.model.attention_ops import dot_product_attention
-from dsjax.model.cache import decode_attention
+from dsjax.model.cache import KVCache, decode_attention
 from dsjax.model.config import ModelConfig
 from dsjax.model.rope import apply_rope
 from dsjax.sharding import constrain
@@ -40,13 +40,16 @@ class Attention(nnx.Module):
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
 
     def decode(self, x, cos, sin, k_cache, v_cache, lengths):
-        """One new token per row (x: (batch, 1, d_model)) attending over this layer's cache slice.
+        """One new token per row (x: (batch, 1, d_model)) at index lengths[b] of this layer's cache buffers.
 
-        Returns the output and the token's key and value; the caller writes them into the cache (`KVCache.append`).
+        Writes the token's key and value into the buffers (`KVCache.write`), attends over indices 0..lengths[b] and
+        returns the output and the updated buffers.
         """
         q, k, v = self._qkv(x, cos, sin)
-        out = decode_attention(q, k_cache, v_cache, lengths, k, v)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
+        k_cache = KVCache.write(k_cache, k[:, 0], lengths)
+        v_cache = KVCache.write(v_cache, v[:, 0], lengths)
+        out = decode_attention(q, k_cache, v_cache, lengths)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k_cache, v_cache
 
     def _qkv(self, x, cos, sin):
         dtype = x.dtype

@@ -25,10 +25,13 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs, layers)
 
     def __call__(self, x: jax.Array, cos, sin, segment_ids=None) -> jax.Array:
-        h = x + self.attn(self.input_norm(x), cos, sin, segment_ids)
-        h = constrain(h, ("batch", "seq", "act_embed"))
-        out = h + self.mlp(self.post_attn_norm(h))
-        return constrain(out, ("batch", "seq", "act_embed"))
+        # Sequence parallelism: the residual stream and the norms are split along the sequence (`act_seq`); each norm's
+        # output is gathered whole for attention and the MLP, whose outputs are reduce-scattered back into the split.
+        whole = lambda y: constrain(y, ("batch", "seq", "act_embed"))
+        h = x + self.attn(whole(self.input_norm(x)), cos, sin, segment_ids)
+        h = constrain(h, ("batch", "act_seq", "act_embed"))
+        out = h + self.mlp(whole(self.post_attn_norm(h)))
+        return constrain(out, ("batch", "act_seq", "act_embed"))
 
     def prefill(self, x: jax.Array, cos, sin):
         """The layer on a right-padded prompt batch; also returns its keys and values for the cache."""
@@ -36,7 +39,7 @@ class Block(nnx.Module):
         return self._finish(x, attn), k, v
 
     def decode(self, x: jax.Array, cos, sin, k_cache, v_cache, lengths):
-        """The layer on one new token per row over this layer's cache slice; returns the token's key and value."""
+        """The layer on one new token per row with this layer's cache buffers; returns them updated."""
         attn, k, v = self.attn.decode(self.input_norm(x), cos, sin, k_cache, v_cache, lengths)
         return self._finish(x, attn), k, v
 

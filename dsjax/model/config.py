@@ -37,12 +37,18 @@ class ModelConfig:
     attention: str = "xla"
     # Rematerialization of each layer in the backward pass: none, full, or save_dots (keep matmul outputs).
     remat: str = "none"
+    # Training losses run the output head and cross-entropy over chunks of this many sequence positions, so the
+    # (batch, seq, vocab) float32 logits never exist at once (dsjax/train/loss.py); 0: the whole sequence at once.
+    loss_chunk: int = 1024
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk must be a non-negative integer (0: no chunking), got "
+                              f"{self.loss_chunk!r}.")
         for name in ("rope_theta", "norm_eps"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}.")

@@ -46,7 +46,7 @@ class Transformer(nnx.Module):
         # yields embed-split rows that XLA cannot efficiently turn into batch-split activations.
         table = constrain(self.embed[...].astype(cfg.compute_dtype), ("embed_vocab", "act_embed"))
         x = jnp.take(table, tokens, axis=0)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = constrain(x, ("batch", "act_seq", "act_embed"))  # split along the sequence between blocks (block.py)
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
 
         graphdef, stacked = nnx.split(self.layers)
@@ -69,46 +69,52 @@ class Transformer(nnx.Module):
         return self.logits(self.hidden_states(tokens, positions, segment_ids))
 
     # ------------------------------------------------------------------ generation: the KV-cache path (cache.py)
+    #
+    # Unlike training, prefill and decode loop over the layers in Python (compile time grows with depth): each layer
+    # then reads its own weights and cache buffer. In a scan over stacked arrays, XLA:CPU copies every layer's weight
+    # and cache slices out before the matmuls, on every decode step (README "Generation").
 
-    def prefill(self, tokens, lengths, max_len: int) -> tuple[jax.Array, KVCache]:
+    def prefill(self, tokens, lengths, max_len: int, layers=None) -> tuple[jax.Array, KVCache]:
         """Runs right-padded prompts (batch, seq) through the attention backend and builds a `max_len`-slot cache.
 
         Row b's prompt is tokens[b, :lengths[b]]; padding after it is never attended to (causal), so its output
         does not depend on its batch mates. Returns float32 logits (batch, vocab) at each row's last prompt token.
+        `layers`: per-layer weights from `unstack_layers` (else static slices of the stacked ones).
         """
         cfg = self.config
         tokens, positions = _check_inputs(tokens, None, None)
         x = self._embed(tokens)
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-        graphdef, stacked = nnx.split(self.layers)
-
-        def layer(h, layer_params):
-            h, k, v = nnx.merge(graphdef, layer_params).prefill(h, cos, sin)
-            return h, (k, v)
-
-        x, (k, v) = jax.lax.scan(layer, x, stacked)
+        ks, vs = [], []
+        for block in self._blocks(layers):
+            x, k, v = block.prefill(x, cos, sin)
+            ks.append(KVCache.layer_from_prefill(k, max_len))
+            vs.append(KVCache.layer_from_prefill(v, max_len))
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
-        return self.logits(self.final_norm(last))[:, 0], KVCache.from_prefill(k, v, max_len)
+        return self.logits(self.final_norm(last))[:, 0], KVCache(tuple(ks), tuple(vs))
 
-    def decode(self, tokens, cache: KVCache, lengths) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens, cache: KVCache, lengths, layers=None) -> tuple[jax.Array, KVCache]:
         """One token per row (batch,) at position lengths[b], after the row's lengths[b] cached tokens.
 
-        Each layer's weights and cache slice are scanned together; the new keys/values of all layers are written
-        after the scan in one scatter (in place when the cache is donated). Returns logits (batch, vocab) and the
-        cache holding the new token (the caller advances `lengths`).
+        Each layer writes the token's key/value into its cache buffer (in place when the cache is donated) and
+        attends over it. Returns logits (batch, vocab) and the cache holding the new token (the caller advances
+        `lengths`). `layers` as in `prefill`.
         """
         cfg = self.config
         x = self._embed(tokens[:, None])
         cos, sin = rope_angles(lengths[:, None], cfg.head_dim, cfg.rope_theta)
+        ks, vs = [], []
+        for block, k_cache, v_cache in zip(self._blocks(layers), cache.k, cache.v, strict=True):
+            x, k_cache, v_cache = block.decode(x, cos, sin, k_cache, v_cache, lengths)
+            ks.append(k_cache)
+            vs.append(v_cache)
+        return self.logits(self.final_norm(x))[:, 0], KVCache(tuple(ks), tuple(vs))
+
+    def _blocks(self, layers=None) -> list[Block]:
         graphdef, stacked = nnx.split(self.layers)
-
-        def layer(h, xs):
-            layer_params, k_cache, v_cache = xs
-            h, k, v = nnx.merge(graphdef, layer_params).decode(h, cos, sin, k_cache, v_cache, lengths)
-            return h, (k[:, 0], v[:, 0])
-
-        x, (k, v) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
-        return self.logits(self.final_norm(x))[:, 0], cache.append(k, v, lengths)
+        if layers is None:
+            layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.n_layers)]
+        return [nnx.merge(graphdef, state) for state in layers]
 
     def _embed(self, tokens):
         table = constrain(self.embed[...].astype(self.config.compute_dtype), ("embed_vocab", "act_embed"))
@@ -129,6 +135,12 @@ def _check_inputs(tokens, positions, segment_ids):
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def unstack_layers(model: Transformer) -> tuple:
+    """Per-layer copies of the stacked layer weights (one nnx state per layer) for `prefill`/`decode(layers=...)`."""
+    _, stacked = nnx.split(model.layers)
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.n_layers))
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

@@ -2,8 +2,8 @@
 
 Counted exactly from the shardings: parameters, float32 gradients (the accumulator) and the two float32 Adam
 moments. Estimated: activations kept for the backward pass of one micro-batch (by remat policy) and the float32
-logits with their gradient. Nothing is allocated, so the 67B on a laptop is refused in a second instead of being
-OOM-killed after minutes.
+logits of one loss chunk with their gradient. Nothing is allocated, so the 67B on a laptop is refused in a second
+instead of being OOM-killed after minutes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _shard_bytes(abstract_tree, shardings) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tokens_per_device: int, seq_len: int) -> int:
-    """Rough activation memory of one micro-batch on one device, by remat policy, plus logits."""
+    """Rough activation memory of one micro-batch on one device, by remat policy, plus one loss chunk's logits."""
     act = np.dtype(cfg.compute_dtype).itemsize
     d, f = cfg.d_model, cfg.d_ff
     kv = cfg.n_kv_heads * cfg.head_dim
@@ -39,8 +39,10 @@ def activation_bytes(cfg: ModelConfig, tokens_per_device: int, seq_len: int) -> 
         "full": d * act,
     }[cfg.remat]
     working_layer = (6 * d + 4 * f) * act + scores  # one layer's forward + backward in flight
-    logits = cfg.vocab_size * 4 * 2
-    return tokens_per_device * (cfg.n_layers * per_layer + working_layer + logits)
+    # float32 logits and their gradient, for one chunk of the sequence at a time (model.loss_chunk, train/loss.py)
+    chunk = min(cfg.loss_chunk, seq_len) if cfg.loss_chunk else seq_len
+    logits = tokens_per_device * chunk // seq_len * cfg.vocab_size * 4 * 2
+    return tokens_per_device * (cfg.n_layers * per_layer + working_layer) + logits
 
 
 def device_capacity(device=None) -> int | None:

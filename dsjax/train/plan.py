@@ -119,7 +119,7 @@ def compile_plan(config, target: Target, devices: list, *, mfu: float = DEFAULT_
     config = plan_config(config, target)
     shape = tuple(config.mesh.shape)
     _check_mesh(shape, len(devices), target)
-    mesh = shd.make_mesh(shape, tuple(config.mesh.axes), devices=devices)
+    mesh = shd.make_mesh(shape, tuple(config.mesh.axes), devices=devices, dcn_shape=config.mesh.dcn_shape)
     rules = tuple((name, tuple(t) if isinstance(t, (list, tuple)) else t) for name, t in config.mesh.rules)
     config = resolve(config, mesh, rules, log=log)
     model_cfg = model_config(config)

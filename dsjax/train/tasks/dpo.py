@@ -48,7 +48,7 @@ from dsjax import checkpoint as params_ckpt
 from dsjax import sharding as shd
 from dsjax.data import pipeline
 from dsjax.errors import ConfigError, DataError
-from dsjax.train.loss import cross_entropy
+from dsjax.train.loss import target_logps
 from dsjax.train.state import abstract_params, param_axes
 from dsjax.train.tasks import answers
 from dsjax.train.tasks.base import Frozen, Task
@@ -73,12 +73,11 @@ def segment_sums(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
 def response_logps(model, batch: dict) -> dict:
     """Per (row, segment): `logps` = sum of log p(target) * loss_weights, `tokens` = sum of loss_weights,
     `logit_sums` = sum over the response tokens of the mean logit over the vocabulary. Arrays (rows, seq)."""
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    token_logps, mean_logits = target_logps(model, batch)  # chunked like the loss: no full logits
     weights = batch["loss_weights"].astype(jnp.float32)
     seg = batch["segment_ids"]
-    token_logps = -cross_entropy(logits, batch["targets"])
     return {"logps": segment_sums(token_logps * weights, seg), "tokens": segment_sums(weights, seg),
-            "logit_sums": segment_sums(jnp.mean(logits, axis=-1) * weights, seg)}
+            "logit_sums": segment_sums(mean_logits * weights, seg)}
 
 
 def pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
