@@ -161,7 +161,8 @@ def _dpo_defaults() -> config_dict.ConfigDict:
             "exact_match_examples": 0,
             "max_new_tokens": 64,
             # data.datasets=synthetic (the offline demo, dpo_synthetic.py): pairs from this many training and
-            # held-out problems, each answered `synthetic_samples` times by the SFT model at this temperature.
+            # held-out problems, each answered `synthetic_samples` times by the SFT model at this temperature
+            # (up to max_new_tokens each).
             "synthetic_prompts": 3000,
             "synthetic_val_prompts": 300,
             "synthetic_samples": 8,

@@ -141,6 +141,7 @@ def test_two_processes_train_as_one(runs):
     root, outs = runs
     assert "'data': 2, 'fsdp': 2" in outs[0]  # the mesh of the reference, over both processes' devices
     assert "step 4:" in outs[0] and "step 4:" not in outs[1]  # process 0 logs for the run
+    assert "done: step 4" in outs[0] and "done:" not in outs[1]  # and prints the one summary line
     assert_same_run(root / "two", root / "one4", steps=[0, 1, 2, 3, 4])
     assert sorted(int(p.name) for p in (root / "two" / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 

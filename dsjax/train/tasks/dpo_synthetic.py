@@ -30,7 +30,6 @@ from dsjax.data.tokenizer import load_tokenizer
 from dsjax.errors import DataError
 
 SAMPLE_BATCH = 512  # rows per generation call: a fixed shape, compiled once
-MAX_NEW_TOKENS = 16  # the demo's answers are at most 10 tokens
 
 
 def seed_of(config) -> int:
@@ -49,11 +48,13 @@ def _fingerprint(config, tok) -> str:
     described = {"sft": reference_identity(config.train.init_from), "tokenizer": tok.fingerprint,
                  "seed": seed_of(config), "prompts": d.synthetic_prompts, "val_prompts": d.synthetic_val_prompts,
                  "samples": d.synthetic_samples, "temperature": float(d.synthetic_temperature),
+                 "max_new_tokens": d.max_new_tokens,
                  "seq_len": config.train.seq_len, "tasks": synthetic.TASKS}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sample_answers(model, tok, examples, samples: int, temperature: float, seed: int) -> list[list[str]]:
+def sample_answers(model, tok, examples, samples: int, temperature: float, seed: int,
+                   max_new_tokens: int) -> list[list[str]]:
     """`samples` sampled replies (decoded text) per example, in fixed-shape batches."""
     from dsjax.generate import Generator
     from dsjax.generate.sampling import SamplingParams
@@ -65,7 +66,7 @@ def sample_answers(model, tok, examples, samples: int, temperature: float, seed:
     for start in range(0, len(rows), SAMPLE_BATCH):
         chunk = rows[start: start + SAMPLE_BATCH]
         padded = chunk + [chunk[-1]] * (SAMPLE_BATCH - len(chunk))
-        for out, n_out, _ in generator.run(padded, max_new_tokens=MAX_NEW_TOKENS, sampling=params,
+        for out, n_out, _ in generator.run(padded, max_new_tokens=max_new_tokens, sampling=params,
                                            seed=seed + start):
             pass
         replies += [chat.response_text(tok, out[r, : n_out[r]].tolist()).strip() for r in range(len(chunk))]
@@ -114,7 +115,7 @@ def synthetic_pairs(config, log=print) -> Path:
     for split, examples in (("train", synthetic.examples("train", d.synthetic_prompts, seed + 1)),
                             ("val", held_out_examples(config, d.synthetic_val_prompts))):
         answers = sample_answers(model, tok, examples, d.synthetic_samples, d.synthetic_temperature,
-                                 seed=seed + (split == "val"))
+                                 seed=seed + (split == "val"), max_new_tokens=d.max_new_tokens)
         rows, stats = label_pairs(examples, answers)
         if not rows:
             raise DataError(f"the SFT model {init_from} answered every sampled {split} problem right: there are no "
