@@ -23,7 +23,7 @@ import jax
 
 from dsjax import checkpoint, distributed
 from dsjax.errors import CheckpointError, CheckpointNotFound, ConfigError, DataError
-from dsjax.interop import hf
+from dsjax.interop import hf, sentencepiece_hf
 from dsjax.data import chat
 from dsjax.data.tokenizer import load_tokenizer
 from dsjax.model import param_count
@@ -52,31 +52,50 @@ def special_ids(src) -> tuple[int | None, int | None]:
     return tok.bos_id, tok.eos_id
 
 
-def tokenizer_files(src, max_len: int) -> dict[str, bytes]:
+def tokenizer_files(src, model_config) -> dict[str, bytes]:
     """tokenizer.json and a tokenizer_config.json with the DeepSeek chat template, so that transformers'
-    AutoTokenizer, apply_chat_template and generate work on the export. Only a Hugging Face tokenizer.json carries
-    over; a sentencepiece tokenizer.model (the built-in corpus's) has no tokenizer.json to give."""
+    AutoTokenizer, apply_chat_template and generate work on the export. A Hugging Face tokenizer.json carries over
+    as it is; a sentencepiece tokenizer.model (the built-in corpus's) is converted into an equivalent tokenizer.json
+    (interop/sentencepiece_hf.py), which refuses rather than give other ids. Where the model's vocab is padded past
+    the tokenizer's, a generation_config.json suppresses the padding ids, which dsjax.generate never samples."""
     found = checkpoint.find_tokenizer(src)
-    if found is None or found.suffix != ".json":
+    if found is None:
         return {}
     tok = load_tokenizer(found)
+    if found.suffix == ".model":
+        try:
+            hf_tok = sentencepiece_hf.convert(found)
+        except DataError as err:  # a model outside dsjax's recipe: the weights still export, without it
+            if jax.process_index() == 0:
+                print(f"warning: {err} The model is exported without a tokenizer.", file=sys.stderr)
+            return {}
+        tokenizer_json, token_name = sentencepiece_hf.serialize(hf_tok), hf_tok.id_to_token
+    else:
+        tokenizer_json, token_name = found.read_bytes(), tok.token_name
     beside = found.parent / "tokenizer_config.json"
     config = json.loads(beside.read_text()) if beside.is_file() else {}
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    config.setdefault("model_max_length", max_len)
+    config.setdefault("model_max_length", model_config.max_seq_len)
     for role in ("bos", "eos", "pad"):
-        config.setdefault(f"{role}_token", tok.token_name(getattr(tok, f"{role}_id")))
+        config.setdefault(f"{role}_token", token_name(getattr(tok, f"{role}_id")))
     config.setdefault("chat_template", chat.JINJA_TEMPLATE)
-    return {"tokenizer.json": found.read_bytes(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    files = {"tokenizer.json": tokenizer_json, "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+    if model_config.vocab_size > tok.vocab_size:
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+                      "suppress_tokens": list(range(tok.vocab_size, model_config.vocab_size))}
+        files["generation_config.json"] = json.dumps(generation).encode()
+    return files
 
 
 def export_hf(src, dst, dtype=None, overwrite=False):
+    # Before the (possibly long) restore. A tokenizer file that does not load stops the export (one sentence); a
+    # sentencepiece model that does not convert exactly is left out with a warning rather than changed.
+    extra = tokenizer_files(src, checkpoint.checkpoint_config(src))
     model = checkpoint.restore_model(src, shardings=_split_over_all_devices(src))
     bos, eos = special_ids(src)
-    extra = tokenizer_files(src, model.config.max_seq_len)
     path = hf.save_model(model, dst, dtype=dtype, overwrite=overwrite, bos_token_id=bos, eos_token_id=eos,
                          extra_files=extra)
-    note = " with its tokenizer and chat template" if extra else " (no tokenizer.json to export with it)"
+    note = " with its tokenizer and chat template" if extra else " without a tokenizer"
     if jax.process_index() == 0:
         print(f"exported {param_count(model):,} parameters from {src} to {path}{note}")
 

@@ -3,11 +3,13 @@
     python experiments/bench_eval.py [--examples 256] [--layers 4] [--d_model 256]
 
 A random LlamaForCausalLM (saved as safetensors with a byte-level BPE tokenizer.json) answers synthetic 4-choice
-questions of ~60-token contexts. Timed, after one warm-up pass each (compilation excluded, as it is paid once):
+questions of 40-word contexts (~150 tokens of this 300-token vocabulary, choices 1-37 tokens). Timed, after one
+warm-up pass each (compilation excluded, as it is paid once):
 - dsjax.eval multiple choice (all four scores: it also scores every choice after the unconditional context,
-  i.e. twice the sequences lm-eval's acc/acc_norm need);
-- lm-eval's `hf` model and our `dsjax` lm-eval model on the same `loglikelihood` requests (context, " choice").
-One run; prints examples/s and the ratios.
+  i.e. twice the sequences lm-eval's acc/acc_norm need; each context runs once for its four choices);
+- lm-eval's `hf` model and our `dsjax` lm-eval model on the same `loglikelihood` requests (context, " choice"):
+  `hf` runs each context once per choice, ours once per context.
+One run, the three one after another in one process; prints examples/s and the ratios.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from dsjax.eval import __main__ as cli
-from dsjax.eval import bpb, multiple_choice, runtime, scoring, tasks
+from dsjax.eval import bpb, multiple_choice, packing, runtime, scoring, tasks
 from dsjax.eval.windows import rolling_windows
-from tests.test_eval_common import BOS, continuation_logprob, make_hf_dir, token_logprobs
+from tests.test_eval_common import BOS, CORPUS, continuation_logprob, make_hf_dir, token_logprobs
 
 REPO = Path(__file__).resolve().parent.parent
 CONTEXT = "Question: What color is the sky? Answer:"
@@ -167,9 +167,10 @@ def test_scores_agree_across_meshes_and_compile_once_per_bucket(setup):
         assert [g.is_greedy for g in got] == [e[1] for e in expected]
         assert [g.tokens for g in got] == n_scored
     # Packing: every row within its bucket; the same bucket twice reuses the one compiled program.
-    rows = scoring.pack([5, 9, 3, 16, 1, 7], 16)
-    assert sorted(i for r in rows for i in r) == list(range(6))
-    assert all(sum([5, 9, 3, 16, 1, 7][i] for i in r) <= 16 for r in rows)
+    lengths = [5, 9, 3, 16, 1, 7]
+    rows = packing.pack([(0, [n]) for n in lengths], 16)
+    assert sorted(g for r in rows for g, _ in r) == list(range(6))
+    assert all(sum(lengths[g] for g, _ in r) <= 16 for r in rows) and len(rows) == 3
     scorer = scoring.Scorer(rt.model, rt.mesh, rt.rules, batch_size=2, min_row=16)
     forward = scorer._forward
     scorer.score([list(range(1, 30))], [5])
@@ -177,6 +178,65 @@ def test_scores_agree_across_meshes_and_compile_once_per_bucket(setup):
     scorer.score([list(range(2, 29)), list(range(3, 20)), [5, 6]], [3, 4, 1])  # longest input 26: bucket 32 too
     assert forward._cache_size() == before
 
+
+
+def test_shared_contexts_score_as_each_sequence_alone(setup):
+    """Choices laid out after one copy of their context (branch_ids) score as transformers scores each sequence
+    whole, on one device and on a mesh: choices of different token lengths, a greedy one, a context ending in spaces,
+    a context cut from the left (longer than the 64-token model), the same unconditional sequence twice."""
+    import torch
+
+    _, hf, rt = setup
+    tok = rt.tokenizer
+    context = "Question: What color is the sky? Answer:"
+    long = " ".join(CORPUS).replace("\n", " ")[:300]
+    questions = [(context, [" blue", " the dog sleeps", " capital of France"]),
+                 ("The capital of France is  ", ["Paris", "Rome is big", " a"]),
+                 (long, [" blue", " four", " the dog sleeps"]), ("Answer:", [" blue", " four"])]
+    pairs = [multiple_choice.encode_pair(tok, c, x) for c, choices in questions for x in choices]
+    pairs.append(pairs[-2])
+    ids = pairs[0][0]
+    for _ in range(2):  # the two tokens transformers' greedy decoding emits after the first context
+        with torch.no_grad():
+            ids = ids + [int(hf(torch.tensor([ids])).logits[0, -1].argmax())]
+    pairs.insert(0, (pairs[0][0], ids[len(pairs[0][0]):]))
+    seqs, n_scored = [c + x for c, x in pairs], [len(x) for _, x in pairs]
+    assert len(set(n_scored[:4])) >= 3 and len(seqs[8]) > rt.max_len + 1
+    expected = [continuation_logprob(hf, s[-(rt.max_len + 1):], n) for s, n in zip(seqs, n_scored)]
+    assert any(g for _, g in expected) and not all(g for _, g in expected)
+    cut = [(np.asarray(s[-(rt.max_len + 1):], np.int32), n) for s, n in zip(seqs, n_scored)]
+    grouped = packing.group(cut)
+    # One group per context (the long one: one per choice length, as each is cut differently), the repeat laid out once.
+    sizes = {len(b) for b in grouped.branches}
+    assert len(grouped.unique) == len(seqs) - 1 and len(grouped.prefixes) < len(grouped.unique) and 4 in sizes
+    for shape, share in [((1, 1, 1), False), ((1, 1, 1), True), ((2, 2, 2), True)]:
+        here = rt if shape == (1, 1, 1) else runtime.load(rt.checkpoint, mesh_shape=shape)
+        scorer = scoring.Scorer(here.model, here.mesh, here.rules, batch_size=2, min_row=16, share_prefixes=share)
+        got = scorer.score(seqs, n_scored)
+        np.testing.assert_allclose([g.logprob for g in got], [e[0] for e in expected], atol=1e-4, rtol=0)
+        assert [g.is_greedy for g in got] == [e[1] for e in expected]
+        assert [g.tokens for g in got] == n_scored
+
+
+def test_packing_splits_a_group_too_long_for_a_row():
+    groups = [(8, [4, 4, 4]), (2, [3] * 8), (0, [5]), (6, [1, 2])]
+    rows = packing.pack(groups, 16)
+    laid = sorted((g, b) for r in rows for g, members in r for b in members)
+    assert laid == sorted((g, b) for g, (_, lengths) in enumerate(groups) for b in range(len(lengths)))
+    assert all(sum(groups[g][0] + sum(groups[g][1][b] for b in m) for g, m in r) <= 16 for r in rows)
+    # Groups 0 (8 + 3 x 4) and 1 (2 + 8 x 3) take two rows each, prefix repeated: 70 tokens in the fewest rows.
+    assert [sum(g == k for r in rows for g, _ in r) for k in range(4)] == [2, 2, 1, 1] and len(rows) == 5
+
+
+def test_branch_ids_need_the_xla_backend():
+    from dsjax.errors import ConfigError
+    from dsjax.model.attention_ops import dot_product_attention
+
+    q = np.zeros((1, 4, 2, 8), np.float32)
+    ids = np.ones((1, 4), np.int32)
+    assert dot_product_attention(q, q, q, ids, ids).shape == q.shape
+    with pytest.raises(ConfigError, match="model.attention='xla'"):
+        dot_product_attention(q, q, q, ids, ids, backend="pallas")
 
 def run_cli(argv, capsys):
     try:

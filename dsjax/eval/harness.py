@@ -5,9 +5,10 @@
 runs lm-eval's own CLI with this model registered (lm-eval finds models only among the modules it imports, so
 plain `lm_eval --model dsjax` cannot see it); from Python, `import dsjax.eval.harness` and then
 `lm_eval.simple_evaluate(model="dsjax", model_args=...)`. Requests are tokenized by lm-eval's TemplateLM exactly as
-for its `hf` model and scored by `dsjax.eval.scoring` (packed, bucketed, jitted, on a mesh), so per-request
-log-likelihoods match `hf` on the same weights. bos is prepended when the tokenizer_config.json beside the tokenizer
-says `add_bos_token` (DeepSeek's does), as `hf` does through its tokenizer; `add_bos_token=` overrides.
+for its `hf` model and scored by `dsjax.eval.scoring` (packed, bucketed, jitted, on a mesh; the requests of one
+context, one per choice, run that context once), so per-request log-likelihoods match `hf` on the same weights.
+bos is prepended when the tokenizer_config.json beside the tokenizer says `add_bos_token` (DeepSeek's does), as
+`hf` does through its tokenizer; `add_bos_token=` overrides.
 """
 
 from __future__ import annotations

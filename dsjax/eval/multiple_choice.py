@@ -4,6 +4,8 @@ Rows of a JSONL file: `{"context": str, "choices": [str, ...], "answer": int}` a
 `"unconditional_context"` (default "Answer:"). Each choice is appended to the context as it is (put the space
 before it in either), tokenized as lm-eval does: the whole string encoded, the choice's tokens being what follows
 the context's tokens, trailing spaces of the context moved into the choice first; bos comes first, as in training.
+The scorer runs each context once for all its choices, and the unconditional context once for every choice text
+(`packing.py`).
 
 Scores per choice, the best one wins:
 - acc:            log p(choice | context)

@@ -1,17 +1,14 @@
 """Log-likelihood of scored tokens in many token sequences: packed rows, length buckets, one jitted forward each.
 
 Every evaluation reduces to this: a sequence `s` of token ids whose last `n_scored` tokens are to be scored, each
-given everything before it (multiple choice: context + choice; bits-per-byte: one rolling window). The sequences are
-packed first-fit into rows (positions restart and attention stays inside each, via `segment_ids`), so short
-multiple-choice sequences do not pay for padding; rows come in a few padded lengths (16, 24, 32, 48, 64, ...: at
-most ~1.5x padding) and a fixed number of rows per call, so XLA compiles one program per length bucket, not one per
-batch. The output head runs over chunks of the sequence, so (batch, seq, vocab) float32 logits never exist whole
-(16 x 4096 x 102400 would be 27 GB).
+given everything before it (multiple choice: context + choice; bits-per-byte: one rolling window). Sequences that
+share their unscored prefix (one context, several choices) run it once, and all are packed into rows of a few
+padded lengths (`packing.py`). The output head runs over chunks of the sequence, so (batch, seq, vocab) float32
+logits never exist whole (16 x 4096 x 102400 would be 27 GB).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -22,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from dsjax import sharding as shd
+from dsjax.eval import packing
+from dsjax.model.attention_ops import resolve_backend
 
 # Logits materialized per chunk of the head: rows x chunk x vocab float32 values at most (512 MB).
 HEAD_CHUNK_VALUES = 1 << 27
@@ -34,43 +33,6 @@ class Scored:
     logprob: float
     tokens: int
     is_greedy: bool
-
-
-def bucket_length(n: int, cap: int) -> int:
-    """The smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x them) holding n, at most `cap`."""
-    size = 16
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return min(size, cap)
-
-
-def pack(lengths: Sequence[int], row_len: int) -> list[list[int]]:
-    """Best-fit decreasing: indices of the sequences in each row, no row longer than row_len (O(n log n))."""
-    rows: list[list[int]] = []
-    rooms: list[tuple[int, int]] = []  # (room left, row), sorted
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        at = bisect.bisect_left(rooms, (lengths[i], -1))
-        if at < len(rooms):
-            room, r = rooms.pop(at)
-        else:
-            room, r = row_len, len(rows)
-            rows.append([])
-        rows[r].append(i)
-        bisect.insort(rooms, (room - lengths[i], r))
-    return rows
-
-
-def choose_rows(lengths: Sequence[int], min_row: int, cap: int) -> tuple[int, list[list[int]]]:
-    """The row length (a bucket from the longest sequence's up to min_row) that packs into the fewest tokens."""
-    best = None
-    size = bucket_length(max(lengths), cap)
-    while True:
-        rows = pack(lengths, size)
-        if best is None or len(rows) * size < len(best[1]) * best[0]:
-            best = (size, rows)
-        if size >= min(max(min_row, 16), cap):
-            return best
-        size = bucket_length(size + 1, cap)
 
 
 def _head_chunk(rows: int, seq: int, vocab: int) -> int:
@@ -86,10 +48,10 @@ def _compiled(graphdef):
     return jax.jit(functools.partial(_token_logprobs, graphdef))
 
 
-def _token_logprobs(graphdef, state, tokens, targets, positions, segment_ids):
+def _token_logprobs(graphdef, state, tokens, targets, positions, segment_ids, branch_ids=None):
     """log p(target) and argmax == target at every position of a (rows, seq) batch."""
     model = nnx.merge(graphdef, state)
-    hidden = model.hidden_states(tokens, positions, segment_ids)
+    hidden = model.hidden_states(tokens, positions, segment_ids, branch_ids)
     rows, seq, _ = hidden.shape
     chunk = _head_chunk(rows, seq, model.config.vocab_size)
 
@@ -110,9 +72,12 @@ class Scorer:
 
     min_row: rows may be made up to this long (capped by the model's context) when packing several short sequences
     into each takes fewer tokens in all than one length bucket per sequence.
+    share_prefixes: run a prefix shared by several sequences once (default: when the attention backend is `xla`,
+    the one that takes `branch_ids`; the kernels score every sequence whole).
     """
 
-    def __init__(self, model, mesh, rules, *, batch_size: int = 16, min_row: int = 256):
+    def __init__(self, model, mesh, rules, *, batch_size: int = 16, min_row: int = 256,
+                 share_prefixes: bool | None = None):
         graphdef, self.state = nnx.split(model)
         self._forward = _compiled(graphdef)
         self.max_len = model.config.max_seq_len
@@ -120,6 +85,9 @@ class Scorer:
         parallel = shd.data_parallel_size(mesh, self.rules)
         self.batch_size = -(-max(1, batch_size) // parallel) * parallel  # whole rows on every data-parallel shard
         self.min_row = min(min_row, self.max_len)
+        if share_prefixes is None:
+            share_prefixes = resolve_backend(model.config.attention) == "xla"
+        self.share_prefixes = share_prefixes
         self._sharding = shd.batch_sharding(mesh, self.rules)
 
     def score(
@@ -143,39 +111,23 @@ class Scorer:
             seqs.append((s, n))
         if not seqs:
             return []
-        # Inputs are s[:-1]; their lengths decide the packing.
-        lengths = [len(s) - 1 for s, _ in seqs]
-        row_len, rows = choose_rows(lengths, self.min_row, self.max_len)
-        logprob = np.zeros(len(seqs))
-        greedy = np.ones(len(seqs), dtype=bool)
+        grouped = packing.group(seqs, self.share_prefixes)
+        row_len, rows = packing.choose_rows(grouped.sizes(), self.min_row, self.max_len)
+        copies = np.bincount(grouped.owner, minlength=len(grouped.unique))
+        logprob = np.zeros(len(grouped.unique))
+        greedy = np.ones(len(grouped.unique), dtype=bool)
         for start in range(0, len(rows), self.batch_size):
-            batch_rows = rows[start:start + self.batch_size]
-            arrays, spans = self._build(seqs, batch_rows, row_len)
+            arrays, spans = packing.build(grouped, rows[start:start + self.batch_size], self.batch_size, row_len)
             token_lp, token_greedy = self._run(*arrays)
-            for i, (r, a, b) in spans.items():
-                logprob[i] = float(token_lp[r, a:b].sum(dtype=np.float64))
-                greedy[i] = bool(token_greedy[r, a:b].all())
-            progress(sum(len(r) for r in batch_rows), len(seqs))
-        return [Scored(float(lp), n, bool(g)) for lp, (_, n), g in zip(logprob, seqs, greedy)]
+            for u, (r, a, b) in spans.items():
+                logprob[u] = float(token_lp[r, a:b].sum(dtype=np.float64))
+                greedy[u] = bool(token_greedy[r, a:b].all())
+            progress(int(copies[list(spans)].sum()), len(seqs))
+        return [Scored(float(logprob[u]), n, bool(greedy[u])) for u, (_, n) in zip(grouped.owner, seqs)]
 
-    def _build(self, seqs, batch_rows, row_len):
-        shape = (self.batch_size, row_len)
-        tokens, targets = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-        positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-        spans = {}
-        for r, members in enumerate(batch_rows):
-            at = 0
-            for k, i in enumerate(members):
-                s, n = seqs[i]
-                m = len(s) - 1
-                tokens[r, at:at + m], targets[r, at:at + m] = s[:-1], s[1:]
-                positions[r, at:at + m], segments[r, at:at + m] = np.arange(m), k + 1
-                spans[i] = (r, at + m - n, at + m)
-                at += m
-        return (tokens, targets, positions, segments), spans
-
-    def _run(self, tokens, targets, positions, segments):
+    def _run(self, tokens, targets, positions, segments, branches):
         put = lambda x: jax.device_put(x, self._sharding)
+        branches = put(branches) if self.share_prefixes else None
         with shd.use_rules(self.mesh, self.rules):
-            lp, greedy = self._forward(self.state, put(tokens), put(targets), put(positions), put(segments))
+            lp, greedy = self._forward(self.state, put(tokens), put(targets), put(positions), put(segments), branches)
         return np.asarray(lp), np.asarray(greedy)

@@ -30,13 +30,13 @@ class Attention(nnx.Module):
         self.o_proj = make((h, hd, d), ("heads", "head_dim", "embed"))
         self.backend = cfg.attention
 
-    def __call__(self, x, cos, sin, segment_ids=None) -> jax.Array:
-        return self.prefill(x, cos, sin, segment_ids)[0]
+    def __call__(self, x, cos, sin, segment_ids=None, branch_ids=None) -> jax.Array:
+        return self.prefill(x, cos, sin, segment_ids, branch_ids)[0]
 
-    def prefill(self, x, cos, sin, segment_ids=None):
+    def prefill(self, x, cos, sin, segment_ids=None, branch_ids=None):
         """The training forward, also returning the rotated keys and values a KV cache keeps (batch, seq, kv, hd)."""
         q, k, v = self._qkv(x, cos, sin)
-        out = dot_product_attention(q, k, v, segment_ids, backend=self.backend, causal=True)
+        out = dot_product_attention(q, k, v, segment_ids, branch_ids, backend=self.backend, causal=True)
         return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
 
     def decode(self, x, cos, sin, k_cache, v_cache, lengths):

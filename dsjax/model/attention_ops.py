@@ -3,6 +3,8 @@
 All take q of shape (batch, seq, heads, head_dim) and k, v of shape (batch, seq, kv_heads, head_dim) with
 heads a multiple of kv_heads (grouped-query attention), and return (batch, seq, heads, head_dim).
 `segment_ids` (batch, seq) marks packed documents: a token attends only to earlier tokens of its own segment.
+`branch_ids` (batch, seq), `xla` only, used by evaluation to score several continuations of one context in one row:
+within a segment, branch 0 is a shared prefix and a token of branch b > 0 sees the prefix and its own branch only.
 
 - `xla`: the reference. Einsum softmax attention; K/V are never repeated per query group: queries are reshaped
   to (kv_heads, group) and contracted against the shared K/V head.
@@ -23,11 +25,12 @@ from dsjax import sharding
 from dsjax.errors import ConfigError
 
 
-def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal: bool) -> jax.Array | None:
+def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal: bool,
+                   branch_ids: jax.Array | None = None) -> jax.Array | None:
     """Boolean (batch or 1, seq_q, seq_k) mask: True where a query may attend to a key.
 
     Causality is by index (queries are the last seq_q of the seq_k keys); packed documents are contiguous, so
-    index order is document order.
+    index order is document order (a segment's prefix comes before its branches).
     """
     mask = None
     if causal:
@@ -36,17 +39,21 @@ def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal
     if segment_ids is not None:
         same = segment_ids[:, -seq_q:, None] == segment_ids[:, None, :]
         mask = same if mask is None else mask & same
+    if branch_ids is not None:
+        key = branch_ids[:, None, :]
+        visible = (key == 0) | (key == branch_ids[:, -seq_q:, None])
+        mask = visible if mask is None else mask & visible
     return mask
 
 
-def xla_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.Array:
+def xla_attention(q, k, v, segment_ids=None, branch_ids=None, *, causal: bool = True) -> jax.Array:
     batch, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
     q = q.reshape(batch, seq_q, kv_heads, group, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32)
     scores = scores * (head_dim**-0.5)
-    mask = attention_mask(seq_q, seq_k, segment_ids, causal)
+    mask = attention_mask(seq_q, seq_k, segment_ids, causal, branch_ids)
     if mask is not None:
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -130,9 +137,13 @@ def per_shard(fn, q, k):
     return call
 
 
-def dot_product_attention(q, k, v, segment_ids=None, *, backend: str = "xla", causal: bool = True):
+def dot_product_attention(q, k, v, segment_ids=None, branch_ids=None, *, backend: str = "xla", causal: bool = True):
     name = resolve_backend(backend)
     fn = functools.partial(BACKENDS[name], causal=causal)
+    if branch_ids is not None:
+        if name != "xla":
+            raise ConfigError(f"branch_ids (shared-prefix scoring) need model.attention='xla', not {backend!r}.")
+        return fn(q, k, v, segment_ids, branch_ids)
     if name != "xla":
         fn = per_shard(fn, q, k)
     return fn(q, k, v, segment_ids)

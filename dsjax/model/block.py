@@ -24,11 +24,11 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.weight_dtype, layers)
         self.mlp = MLP(cfg, rngs, layers)
 
-    def __call__(self, x: jax.Array, cos, sin, segment_ids=None) -> jax.Array:
+    def __call__(self, x: jax.Array, cos, sin, segment_ids=None, branch_ids=None) -> jax.Array:
         # Sequence parallelism: the residual stream and the norms are split along the sequence (`act_seq`); each norm's
         # output is gathered whole for attention and the MLP, whose outputs are reduce-scattered back into the split.
         whole = lambda y: constrain(y, ("batch", "seq", "act_embed"))
-        h = x + self.attn(whole(self.input_norm(x)), cos, sin, segment_ids)
+        h = x + self.attn(whole(self.input_norm(x)), cos, sin, segment_ids, branch_ids)
         h = constrain(h, ("batch", "act_seq", "act_embed"))
         out = h + self.mlp(whole(self.post_attn_norm(h)))
         return constrain(out, ("batch", "act_seq", "act_embed"))

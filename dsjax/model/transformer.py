@@ -25,7 +25,8 @@ class Transformer(nnx.Module):
     """`model(tokens, positions=None, segment_ids=None)` -> float32 logits (batch, seq, vocab).
 
     `positions` restart at 0 in each packed document and drive the rotary angles; `segment_ids` keep attention
-    inside a document. Both default to a single unpacked sequence per row.
+    inside a document. Both default to a single unpacked sequence per row. `hidden_states` also takes `branch_ids`
+    (evaluation: several continuations sharing one context in a row; `attention_ops` says how they mask).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -38,10 +39,10 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype)
         self.lm_head = params.normal(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, dtype)
 
-    def hidden_states(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+    def hidden_states(self, tokens, positions=None, segment_ids=None, branch_ids=None) -> jax.Array:
         """Final-normed hidden states (batch, seq, d_model) in the compute dtype, before the output head."""
         cfg = self.config
-        tokens, positions = _check_inputs(tokens, positions, segment_ids)
+        tokens, positions = _check_inputs(tokens, positions, segment_ids, branch_ids)
         # Gather the table whole before the lookup, as FSDP does for every weight: a lookup into an embed-split table
         # yields embed-split rows that XLA cannot efficiently turn into batch-split activations.
         table = constrain(self.embed[...].astype(cfg.compute_dtype), ("embed_vocab", "act_embed"))
@@ -52,7 +53,7 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(h, layer_params):
-            return nnx.merge(graphdef, layer_params)(h, cos, sin, segment_ids), None
+            return nnx.merge(graphdef, layer_params)(h, cos, sin, segment_ids, branch_ids), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -121,13 +122,13 @@ class Transformer(nnx.Module):
         return constrain(jnp.take(table, tokens, axis=0), ("batch", "seq", "act_embed"))
 
 
-def _check_inputs(tokens, positions, segment_ids):
+def _check_inputs(tokens, positions, segment_ids, branch_ids=None):
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array of shape (batch, seq), got {tokens.dtype}{tokens.shape}.")
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+    for name, value in (("positions", positions), ("segment_ids", segment_ids), ("branch_ids", branch_ids)):
         if value is not None and tuple(value.shape) != tuple(tokens.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)} but tokens have shape {tuple(tokens.shape)}.")
     return tokens, positions
