@@ -116,6 +116,7 @@ def test_allocation_plot_from_synthetic_fits(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # ~70 s of 2-core CPU (eight short real runs); the default CI run is kept under its budget
 def test_ci_sweep_end_to_end_then_resumed(tmp_path, monkeypatch, capsys):
     out, runs = tmp_path / "out", tmp_path / "runs"
     assert run.main(["--preset=ci", f"--out={out}", f"--runs={runs}"]) == 0
