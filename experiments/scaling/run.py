@@ -207,11 +207,16 @@ def main(argv=None) -> int:
     runs = Path(args.runs or Path("runs") / "scaling" / args.preset)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings_for(preset, args.cache_dir)
+    from dsjax.errors import CheckpointError, ConfigError, DataError
+
     try:
         return _run(args, preset, out, runs, settings)
-    except ValueError as err:  # a results file that is not JSON lines: named with file:line
+    except (ValueError, ConfigError, DataError, CheckpointError) as err:  # e.g. a results line that is not JSON
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM via the trainer: the point resumes from its checkpoint
+        print(f"stopped{': ' + str(err) if str(err) else ''}; the same command resumes the sweep.", file=sys.stderr)
+        return 130
 
 
 def _run(args, preset: Preset, out: Path, runs: Path, settings: RunSettings) -> int:
