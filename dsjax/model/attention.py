@@ -10,6 +10,7 @@ from dsjax.model import params
 from dsjax.model.attention_ops import dot_product_attention
 from dsjax.model.cache import KVCache, decode_attention
 from dsjax.model.config import ModelConfig
+from dsjax.model.linear import project
 from dsjax.model.rope import apply_rope
 from dsjax.sharding import constrain
 
@@ -37,7 +38,7 @@ class Attention(nnx.Module):
         """The training forward, also returning the rotated keys and values a KV cache keeps (batch, seq, kv, hd)."""
         q, k, v = self._qkv(x, cos, sin)
         out = dot_product_attention(q, k, v, segment_ids, branch_ids, backend=self.backend, causal=True)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k, v
+        return project(out, self.o_proj[...], 2), k, v
 
     def decode(self, x, cos, sin, k_cache, v_cache, lengths):
         """One new token per row (x: (batch, 1, d_model)) at index lengths[b] of this layer's cache buffers.
@@ -49,13 +50,12 @@ class Attention(nnx.Module):
         k_cache = KVCache.write(k_cache, k[:, 0], lengths)
         v_cache = KVCache.write(v_cache, v[:, 0], lengths)
         out = decode_attention(q, k_cache, v_cache, lengths)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o_proj[...].astype(x.dtype)), k_cache, v_cache
+        return project(out, self.o_proj[...], 2), k_cache, v_cache
 
     def _qkv(self, x, cos, sin):
-        dtype = x.dtype
-        q = jnp.einsum("bsd,dhk->bshk", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.v_proj[...].astype(dtype))
+        q = project(x, self.q_proj[...])
+        k = project(x, self.k_proj[...])
+        v = project(x, self.v_proj[...])
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))

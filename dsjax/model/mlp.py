@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from dsjax.model import params
 from dsjax.model.config import ModelConfig
+from dsjax.model.linear import project
 from dsjax.sharding import constrain
 
 
@@ -20,8 +20,7 @@ class MLP(nnx.Module):
         self.down_proj = make((cfg.d_ff, cfg.d_model), ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        gate = jnp.einsum("bsd,df->bsf", x, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("bsd,df->bsf", x, self.up_proj[...].astype(dtype))
+        gate = project(x, self.gate_proj[...])
+        up = project(x, self.up_proj[...])
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-        return jnp.einsum("bsf,fd->bsd", hidden, self.down_proj[...].astype(dtype))
+        return project(hidden, self.down_proj[...])

@@ -10,6 +10,7 @@ from dsjax.model import params
 from dsjax.model.block import Block
 from dsjax.model.cache import KVCache
 from dsjax.model.config import ModelConfig
+from dsjax.model.linear import project
 from dsjax.model.norm import RMSNorm
 from dsjax.model.rope import rope_angles
 from dsjax.sharding import constrain
@@ -62,8 +63,7 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output head with float32 accumulation and result, whatever the compute dtype."""
-        head = self.lm_head[...].astype(hidden.dtype)
-        out = jnp.einsum("bsd,dv->bsv", hidden, head, preferred_element_type=jnp.float32)
+        out = project(hidden, self.lm_head[...], out_dtype=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"))
 
     def __call__(self, tokens, positions=None, segment_ids=None) -> jax.Array:
