@@ -149,6 +149,9 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.shapes, args.steps)
     names = ["smoke"] if args.smoke else args.shapes.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        parser.exit(2, f"--shapes: {unknown[0]!r} is not a shape; known: {', '.join(SHAPES)}.\n")
     repeats, steps = (1, 2) if args.smoke else (args.repeats, args.steps)
     sides = ["dsjax", "eager"] + (["compile"] if args.compile else [])
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
@@ -173,4 +176,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: the rows printed so far are complete, the rest was not measured.", file=sys.stderr)
+        sys.exit(130)
