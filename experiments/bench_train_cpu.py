@@ -2,10 +2,11 @@
 
     python3 experiments/bench_train_cpu.py                     # tiny, 16m, 125m; train and forward
     python3 experiments/bench_train_cpu.py --shapes=16m --repeats=5 --no-compile
+    python3 experiments/bench_train_cpu.py --attention=xla     # dsjax with another attention backend
     python3 experiments/bench_train_cpu.py --smoke             # a very small run that only checks the script works
 
 Both sides run the same shape in float32 on the same random tokens: dsjax's jitted train step (the trainer's own
-`make_train_step`, next-token loss, AdamW with clipping, `model.attention=auto`) and a torch step (forward, the mean
+`make_train_step`, next-token loss, AdamW with clipping, `model.attention=auto` unless `--attention`) and a torch step (forward, the mean
 cross-entropy, backward, clipping, AdamW). Forward is the logits of one batch (no gradient). Each side is warmed up
 (compile), then timed over `--steps` steps (median). Each side runs in its own process (in one process the two
 runtimes' idle worker threads spin and slow each other 2-4x), the processes interleaved in `--repeats` rounds, and
@@ -51,8 +52,8 @@ SHAPES = {
 }
 
 
-def dsjax_side(shape: dict, batch: int, seq: int, tokens: np.ndarray):
-    cfg = ModelConfig(**shape, max_seq_len=seq, dtype="float32", attention="auto", init_std=0.02)
+def dsjax_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, attention: str):
+    cfg = ModelConfig(**shape, max_seq_len=seq, dtype="float32", attention=attention, init_std=0.02)
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     optim = load_config("tiny").optim
@@ -110,11 +111,11 @@ def torch_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, compiled: 
     return train, forward
 
 
-def worker(side: str, name: str, steps: int) -> None:
+def worker(side: str, name: str, steps: int, attention: str) -> None:
     """Runs one side on one shape in this process and prints its median train and forward step times as JSON."""
     shape, batch, seq = SHAPES[name]
     tokens = np.random.RandomState(0).randint(0, shape["vocab_size"], (batch, seq + 1)).astype(np.int32)
-    fns = dsjax_side(shape, batch, seq, tokens) if side == "dsjax" else torch_side(shape, batch, seq, tokens,
+    fns = dsjax_side(shape, batch, seq, tokens, attention) if side == "dsjax" else torch_side(shape, batch, seq, tokens,
                                                                                   compiled=side == "compile")
     out = {}
     for kind, fn in zip(("train", "forward"), fns):
@@ -129,8 +130,9 @@ def worker(side: str, name: str, steps: int) -> None:
     print(json.dumps(out))
 
 
-def run_worker(side: str, name: str, steps: int) -> dict:
-    done = subprocess.run([sys.executable, __file__, f"--worker={side}", f"--shapes={name}", f"--steps={steps}"],
+def run_worker(side: str, name: str, steps: int, attention: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, f"--worker={side}", f"--shapes={name}", f"--steps={steps}",
+                           f"--attention={attention}"],
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if done.returncode != 0:
         raise SystemExit(f"{side} on {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -143,11 +145,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of one process per side")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process (median)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked"),
+                        help="dsjax's model.attention (auto: blocked on CPU)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.shapes, args.steps)
+        return worker(args.worker, args.shapes, args.steps, args.attention)
     names = ["smoke"] if args.smoke else args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -155,14 +159,15 @@ def main() -> None:
     repeats, steps = (1, 2) if args.smoke else (args.repeats, args.steps)
     sides = ["dsjax", "eager"] + (["compile"] if args.compile else [])
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32; load average "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32, dsjax attention "
+          f"{args.attention}; load average "
           f"{os.getloadavg()[0]:.2f}")
     print("| shape (batch x seq) | step | dsjax tokens/s | torch eager tokens/s | dsjax / eager |"
           + (" torch.compile tokens/s | dsjax / compile |" if args.compile else ""))
     print("|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for name in names:
         shape, batch, seq = SHAPES[name]
-        rounds = [{side: run_worker(side, name, steps) for side in sides} for _ in range(repeats)]
+        rounds = [{side: run_worker(side, name, steps, args.attention) for side in sides} for _ in range(repeats)]
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(init_model(ModelConfig(**shape)), nnx.Param)))
         for kind in ("train", "forward"):
             rate = lambda side: statistics.median(batch * seq / r[side][kind] for r in rounds)

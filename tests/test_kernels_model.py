@@ -76,7 +76,8 @@ def test_bad_interpret_setting_is_a_config_error(monkeypatch):
 
 
 def test_auto_resolves_per_platform(monkeypatch):
-    assert resolve_backend("auto") == "xla"  # the test platform is CPU
+    assert resolve_backend("auto") == "blocked"  # the test platform is CPU
+    assert resolve_backend("auto", branch_ids=True) == "xla"  # only the reference takes branch ids
     assert resolve_backend("pallas") == "pallas"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert resolve_backend("auto") == "pallas"

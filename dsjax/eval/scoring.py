@@ -86,7 +86,7 @@ class Scorer:
         self.batch_size = -(-max(1, batch_size) // parallel) * parallel  # whole rows on every data-parallel shard
         self.min_row = min(min_row, self.max_len)
         if share_prefixes is None:
-            share_prefixes = resolve_backend(model.config.attention) == "xla"
+            share_prefixes = resolve_backend(model.config.attention, branch_ids=True) == "xla"
         self.share_prefixes = share_prefixes
         self._sharding = shd.batch_sharding(mesh, self.rules)
 

@@ -10,7 +10,9 @@ within a segment, branch 0 is a shared prefix and a token of branch b > 0 sees t
   to (kv_heads, group) and contracted against the shared K/V head.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only.
 - `pallas`: our flash-attention kernels (`dsjax.kernels`).
-- `auto`: the fastest path the platform offers.
+- `blocked`: causal attention in query blocks with its own backward, in plain XLA (`attention_blocked`); the
+  fastest on CPU.
+- `auto`: the fastest path the platform offers (`blocked` on CPU; `xla` wherever `branch_ids` are given).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from jax.sharding import PartitionSpec
 
 from dsjax import sharding
 from dsjax.errors import ConfigError
+from dsjax.model.attention_blocked import blocked_attention
 
 
 def attention_mask(seq_q: int, seq_k: int, segment_ids: jax.Array | None, causal: bool,
@@ -95,18 +98,21 @@ def pallas_attention(q, k, v, segment_ids=None, *, causal: bool = True) -> jax.A
         raise ConfigError(f"model.attention='pallas' cannot run here: {error}") from error
 
 
-def resolve_backend(name: str) -> str:
-    """Maps `auto` to a concrete backend for the current platform.
+def resolve_backend(name: str, branch_ids: bool = False) -> str:
+    """Maps `auto` to a concrete backend for the current platform (and `xla` when `branch_ids` are needed).
 
     GPU keeps cuDNN until experiments/bench_attention.py shows our Pallas kernel at least as fast on an H100
-    (kernels/README.md); TPU has no cuDNN, so it gets the Pallas kernel; CPU gets the XLA reference.
+    (kernels/README.md); TPU has no cuDNN, so it gets the Pallas kernel; CPU gets `blocked`: the 16M train step
+    ran 1.09x torch eager with it, 0.79x with the XLA reference (experiments/bench_train_cpu.py, README "Training").
     """
     if name != "auto":
         return name
-    return {"gpu": "cudnn", "tpu": "pallas"}.get(jax.default_backend(), "xla")
+    if branch_ids:
+        return "xla"
+    return {"gpu": "cudnn", "tpu": "pallas"}.get(jax.default_backend(), "blocked")
 
 
-BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": pallas_attention}
+BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": pallas_attention, "blocked": blocked_attention}
 
 
 def per_shard(fn, q, k):
@@ -138,12 +144,12 @@ def per_shard(fn, q, k):
 
 
 def dot_product_attention(q, k, v, segment_ids=None, branch_ids=None, *, backend: str = "xla", causal: bool = True):
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, branch_ids is not None)
     fn = functools.partial(BACKENDS[name], causal=causal)
     if branch_ids is not None:
         if name != "xla":
             raise ConfigError(f"branch_ids (shared-prefix scoring) need model.attention='xla', not {backend!r}.")
         return fn(q, k, v, segment_ids, branch_ids)
-    if name != "xla":
+    if name in ("cudnn", "pallas"):
         fn = per_shard(fn, q, k)
     return fn(q, k, v, segment_ids)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from dsjax.errors import ConfigError  # noqa: F401  (re-exported: the model's config errors)
 
-ATTENTION_BACKENDS = ("xla", "cudnn", "pallas", "auto")
+ATTENTION_BACKENDS = ("xla", "cudnn", "pallas", "blocked", "auto")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,7 +33,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     # Compute dtype; "auto" means bfloat16 on GPU/TPU and float32 on CPU.
     dtype: str = "auto"
-    # xla (reference), cudnn, pallas, or auto (fastest available on the platform).
+    # xla (reference), cudnn, pallas, blocked (CPU), or auto (fastest available on the platform).
     attention: str = "xla"
     # Rematerialization of each layer in the backward pass: none, full, or save_dots (keep matmul outputs).
     remat: str = "none"

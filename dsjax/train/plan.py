@@ -65,10 +65,14 @@ def _check_mesh(shape, n_devices: int, target: Target) -> None:
 
 def plan_config(config, target: Target):
     """The config as it would run on the target: `model.dtype=auto` becomes bfloat16 on GPU/TPU (the trainer's
-    auto rule, which looks at the local platform, would pick float32 on this CPU host)."""
+    auto rule, which looks at the local platform, would pick float32 on this CPU host), and `model.attention=auto`
+    is planned as the `xla` reference there, an upper bound on the memory of the flash kernels auto picks on the
+    target (this host's auto, `blocked`, is a CPU choice)."""
     config = config.copy_and_resolve_references()
     if target.platform in ("gpu", "tpu") and config.model.dtype == "auto":
         config.model.dtype = "bfloat16"
+    if target.platform in ("gpu", "tpu") and config.model.attention == "auto":
+        config.model.attention = "xla"
     validate_train(config)
     return config
 
