@@ -139,28 +139,41 @@ def test_tokenize_refuses_a_bad_conversation_in_one_sentence(spm_tok):
         chat.tokenize(spm_tok, [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
 
 
-def test_synthetic_set_is_deterministic_correct_and_disjoint():
-    train = synthetic.examples("train", 3000, seed=1)
-    val = synthetic.examples("val", 300, seed=1)
-    assert train == synthetic.examples("train", 3000, seed=1) and train != synthetic.examples("train", 3000, seed=2)
-    assert {e.task for e in val} == set(synthetic.TASKS)
+@pytest.mark.parametrize("tasks", [synthetic.TASKS, ("add", "reverse", "sort")])
+def test_synthetic_set_is_deterministic_correct_and_disjoint(tasks):
+    train = synthetic.examples("train", 3000, seed=1, tasks=tasks)
+    val = synthetic.examples("val", 300, seed=1, tasks=tasks)
+    assert train == synthetic.examples("train", 3000, seed=1, tasks=tasks)
+    assert train != synthetic.examples("train", 3000, seed=2, tasks=tasks)
+    assert {e.task for e in val} == set(tasks)
     for e in train + val:  # every answer recomputed from the prompt text
         numbers = [int(x) for x in e.prompt.replace("?", " ").replace(".", " ").split() if x.isdigit()]
         letters = [x for x in e.prompt.rstrip("?.").split() if len(x) == 1 and x in synthetic.LETTERS]
         if e.task == "add":
             assert e.answer == str(sum(numbers)) and len(numbers) == 2
         elif e.task == "reverse":
-            assert e.answer == " ".join(reversed(letters))
+            assert e.answer == " ".join(reversed(letters)) and len(set(letters)) == len(letters)
+        elif e.task == "max":
+            assert e.answer == str(max(numbers)) and 3 <= len(numbers) <= 5
+        elif e.task == "min":
+            assert e.answer == str(min(numbers)) and 3 <= len(numbers) <= 5
         else:
             assert e.answer == " ".join(str(n) for n in sorted(numbers))
-    # No held-out problem (as an unordered pair / multiset / list) appears in training, under any seed.
+    # No held-out problem (an unordered pair, a list, or a multiset of digits, which sort, max and min share)
+    # appears in training, under any seed.
     def identity(e):
-        if e.task == "add":
-            return e.task, tuple(sorted(int(x) for x in e.prompt.replace("?", " ").replace(".", " ").split()
-                                        if x.isdigit()))
-        return e.task, tuple(sorted(e.answer.split())) if e.task == "sort" else tuple(e.answer.split())
-    other_train = synthetic.examples("train", 3000, seed=7)
+        numbers = tuple(sorted(int(x) for x in e.prompt.replace("?", " ").replace(".", " ").split() if x.isdigit()))
+        if e.task == "reverse":
+            return e.task, tuple(e.answer.split())
+        return ("add" if e.task == "add" else "digits"), numbers
+    other_train = synthetic.examples("train", 3000, seed=7, tasks=tasks)
     assert not {identity(e) for e in val} & {identity(e) for e in train + other_train}
-    assert len({identity(e) for e in val}) == len(val)  # distinct held-out problems
-    pairs = synthetic.held_out(300, seed=1)
+    assert len({(e.task, identity(e)) for e in val}) == len(val)  # distinct held-out problems
+    pairs = synthetic.held_out(300, seed=1, tasks=tasks)
     assert pairs == [([{"role": "user", "content": e.prompt}], e.answer) for e in val]
+
+
+def test_synthetic_fingerprint_names_the_task_set():
+    # The SFT and DPO demo caches are keyed by it: another task set must never reuse a prepared cache.
+    assert synthetic.fingerprint() == synthetic.fingerprint(synthetic.TASKS)
+    assert synthetic.fingerprint(("add", "reverse", "sort")) != synthetic.fingerprint()

@@ -49,7 +49,8 @@ def _fingerprint(config, tok) -> str:
                  "seed": seed_of(config), "prompts": d.synthetic_prompts, "val_prompts": d.synthetic_val_prompts,
                  "samples": d.synthetic_samples, "temperature": float(d.synthetic_temperature),
                  "max_new_tokens": d.max_new_tokens,
-                 "seq_len": config.train.seq_len, "tasks": synthetic.TASKS}
+                 "seq_len": config.train.seq_len, "tasks": synthetic.TASKS,
+                 "generator": synthetic.fingerprint()}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
