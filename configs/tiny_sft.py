@@ -20,6 +20,6 @@ def get_config():
     config.optim.update(lr=3e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
     config.checkpoint.update(every_steps=900)
     config.eval.update(every_steps=900, steps=16)
-    config.sft.update(repetition_prompts=100, exact_match_examples=300, max_new_tokens=16)
+    config.sft.update(repetition_prompts=100, exact_match_examples=800, max_new_tokens=16)
     config.log.samples = ()
     return config
