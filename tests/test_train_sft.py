@@ -21,7 +21,7 @@ from dsjax.model import init_model
 from dsjax.config import model_config
 from dsjax.train.loss import next_token_loss
 from dsjax.train.trainer import train
-from tests.test_data_common import train_small_tokenizer
+from tests.test_data_common import SPM_FILE, train_small_tokenizer
 from tests.train_utils import small_config
 
 VOCAB, SEQ = 512, 64
@@ -165,3 +165,20 @@ def test_exported_model_chats_in_transformers_with_our_prompt_ids(tmp_path):
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "out")
     out = hf.generate(torch.tensor([expected]), max_new_tokens=3, do_sample=False)
     assert out[0, : len(expected)].tolist() == expected and out.shape[1] > len(expected)
+
+
+def test_demo_cache_is_keyed_by_its_counts(chat_data, tmp_path, monkeypatch):
+    # A cache prepared with other counts must never be reused: tiny_sft's exact match reads the whole val split.
+    from dsjax.train.tasks import sft
+
+    config = sft_config(chat_data)
+    config.data.cache_dir = str(tmp_path)
+    tok_file = chat_data / SPM_FILE
+    monkeypatch.setattr(sft, "SYNTHETIC_TRAIN", 30)
+    counts = {}
+    for val in (6, 9):
+        monkeypatch.setattr(sft, "SYNTHETIC_VAL", val)
+        out = sft.synthetic_dataset(config, tok_file, SEQ, log=lambda _: None)
+        manifest = json.loads((out / prepare.MANIFEST).read_text())
+        counts[out] = len(sft.held_out_pairs(pipeline.Source(out, manifest, None), 100))
+    assert sorted(counts.values()) == [6, 9]

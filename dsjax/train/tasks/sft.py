@@ -29,14 +29,15 @@ from dsjax.train.tasks import answers
 from dsjax.train.tasks.base import Task
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_TRAIN, SYNTHETIC_VAL = 20000, 500
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 20000, 800  # tiny_sft's and tiny_dpo's exact match read all 800
 
 
 def synthetic_dataset(config, tokenizer_file: Path, seq_len: int, log=print) -> Path:
-    """The demo conversations, prepared once per (generator, tokenizer, seed, length) into the data cache."""
+    """The demo conversations, prepared once per (generator, counts, tokenizer, seed, length) into the data cache."""
     tok = load_tokenizer(tokenizer_file)
     seed = config.data.seed if config.data.seed is not None else config.seed
-    out = cache_root(config) / f"sft-synthetic-{synthetic.fingerprint()}-{tok.fingerprint[:12]}-s{seed}-L{seq_len}"
+    name = f"{synthetic.fingerprint()}-n{SYNTHETIC_TRAIN}-{SYNTHETIC_VAL}-{tok.fingerprint[:12]}-s{seed}-L{seq_len}"
+    out = cache_root(config) / f"sft-synthetic-{name}"
     if (out / prepare.MANIFEST).exists():
         return out
     raw = out.with_name(out.name + "-jsonl")
