@@ -7,12 +7,18 @@ A random LlamaForCausalLM is saved as safetensors and loaded by both sides (floa
 Method, the same for both: each setting is run once to warm up (compile), then timed `--runs` times (median) with
 max_new_tokens=1 (prefill and the first token) and with max_new_tokens=N. Prefill tokens/s = batch * prompt_len /
 t(1); decode tokens/s = batch * (N - 1) / (t(N) - t(1)). Ratios are dsjax / transformers from the same run.
+
+The last columns bound what any float32 decoder built on XLA:CPU can reach on the machine: "matmul floor" times only
+the decode step's matrix products (every layer's projections and the output head, the model's own weights, `batch`
+rows, in a device loop like the decoder's) and gives batch / that time in tokens/s; "floor / transformers" is the
+largest decode ratio those products allow. At batch 1 they stream every weight once per token (memory bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import statistics
 import sys
@@ -26,8 +32,14 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from dsjax.generate import Generator
 from dsjax.interop.hf import load_model
+from dsjax.model.linear import project
+from dsjax.model.transformer import unstack_layers
 
 SHAPES = {
     # configs/tiny.py's model
@@ -49,6 +61,29 @@ def median_seconds(fn, runs: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_floor(model, batch: int, runs: int, steps: int = 16) -> float:
+    """Tokens/s of the decode step's matrix products alone: batch rows through every layer's weights and the head."""
+    weights = [w for layer in unstack_layers(model) for w in jax.tree.leaves(nnx.to_pure_dict(layer)) if w.ndim >= 2]
+    weights.append(model.lm_head[...])
+    # o_proj (heads, head_dim, d_model) takes two input axes; every other weight one.
+    n_ins = [2 if w.ndim == 3 and w.shape[0] != model.config.d_model else 1 for w in weights]
+    width = max(math.prod(w.shape[:n]) for w, n in zip(weights, n_ins))
+
+    @jax.jit
+    def products(x, weights):
+        def step(i, carry):  # the carry feeds each step, so no product is hoisted out of the loop
+            total = carry
+            for w, n_in in zip(weights, n_ins):
+                rows = (x[:, : math.prod(w.shape[:n_in])] + carry).reshape((batch,) + w.shape[:n_in])
+                total = total + project(rows, w, n_in).sum() * 1e-12
+            return total
+        return jax.lax.fori_loop(0, steps, step, jnp.float32(0))
+
+    x = jnp.asarray(np.random.RandomState(0).randn(batch, width), jnp.float32)
+    seconds = median_seconds(lambda: products(x, weights).block_until_ready(), runs)
+    return batch * steps / seconds
 
 
 def bench_shape(name, batches, prompt_len, new_tokens, runs):
@@ -79,7 +114,7 @@ def bench_shape(name, batches, prompt_len, new_tokens, runs):
                                 min_new_tokens=n, do_sample=False)
             return run
 
-        result = {}
+        result = {"floor": matmul_floor(model, batch, runs)}
         for side, make in (("dsjax", ours), ("transformers", theirs)):
             first = median_seconds(make(1), runs)
             full = median_seconds(make(new_tokens), runs)
@@ -109,12 +144,12 @@ def main():
     print(f"\nGeneration, float32 greedy, prompt {settings[0][2]} tokens, {settings[0][3]} new tokens; {device}; "
           f"{datetime.date.today().isoformat()}\n")
     print("| model | params | batch | prefill tok/s dsjax | transformers | ratio | decode tok/s dsjax | transformers "
-          "| ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ratio | matmul floor tok/s | floor / transformers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, params, batch, r in rows:
-        (pd, dd), (pt, dt) = r["dsjax"], r["transformers"]
+        (pd, dd), (pt, dt), floor = r["dsjax"], r["transformers"], r["floor"]
         print(f"| {name} | {params / 1e6:.1f}M | {batch} | {pd:,.0f} | {pt:,.0f} | {pd / pt:.2f}x | {dd:,.0f} | "
-              f"{dt:,.0f} | {dd / dt:.2f}x |")
+              f"{dt:,.0f} | {dd / dt:.2f}x | {floor:,.0f} | {floor / dt:.2f}x |")
 
 
 if __name__ == "__main__":

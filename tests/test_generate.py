@@ -248,6 +248,51 @@ def test_padded_ids_are_never_sampled(gqa):
         model.lm_head[...] = head
 
 
+def test_greedy_pick_is_argmax():
+    rs = np.random.RandomState(7)
+    logits = rs.randint(-3, 4, (64, 40)).astype(np.float32)  # small integers: many tied maxima
+    logits[0] = -np.inf  # every id masked: argmax says 0
+    logits[1, 30:] = 100.0  # the maxima all padded (vocab 30): argmax of the real ids' logits stays below 30
+    masked = np.where(np.arange(40) < 30, logits, -np.inf)
+    ours = np.asarray(S.first_max(jnp.asarray(masked), vocab_size=30))
+    np.testing.assert_array_equal(ours, np.argmax(masked, axis=-1))
+    assert ours.dtype == np.int32
+    nan_row = np.full((1, 40), np.nan, np.float32)
+    assert int(S.first_max(jnp.asarray(nan_row), vocab_size=30)[0]) < 30  # never a padded id, even on NaN
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_updates_the_cache_in_place(gqa, batch):
+    """No copy of a whole layer's cache buffer in the compiled decode loop on CPU (README "Generation").
+
+    The default program (without the copy-insertion option) is the oracle that the check can fail: there XLA:CPU copies
+    every buffer on each step (at batch 3 too, once the new token is scored apart from the buffer it is written to).
+    """
+    model, tokenizer = gqa
+    gen = Generator(model, tokenizer)
+    captured = {}
+    real = generator._decode
+
+    def spy(params, state, limit, static):
+        captured["args"] = (params, state, limit, static)
+        return real(params, state, limit, static)
+
+    generator._decode = spy
+    try:
+        gen.generate(random_prompts([5] * batch, seed=8), max_new_tokens=3)
+    finally:
+        generator._decode = real
+    params, state, limit, static = captured["args"]
+    buffer = state.cache.k[0]
+    dims = ",".join(map(str, buffer.shape))
+    copies = {}
+    for name, program in generator._decode_programs.items():
+        text = program.lower(params, state, limit, static=static).compile().as_text()
+        copies[name] = text.count(f"f32[{dims}]{{3,2,1,0}} copy(")
+    assert copies["cpu"] == 0, copies
+    assert copies["default"] >= 2 * len(state.cache.k), copies
+
+
 def test_bad_sampling_values_are_one_sentence():
     for kwargs, name in ((dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
                          (dict(min_p=1.5), "min_p"), (dict(top_k=-2), "top_k"), (dict(repetition_penalty=0), "rep")):

@@ -105,5 +105,17 @@ def sample(logits: jax.Array, key: jax.Array, seen: jax.Array | None, params: Sa
     """Next token per row, int32 (batch,)."""
     logits = process_logits(logits, seen, params, vocab_size)
     if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_max(logits, vocab_size)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def first_max(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """argmax's answer (the first of tied maxima) as a max and a min, int32 (batch,); never an id >= vocab_size.
+
+    XLA:CPU runs `argmax`'s (value, index) reduction several times slower than these two plain reductions, and greedy
+    decoding runs it over the whole vocabulary at every step.
+    """
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
+    return jnp.minimum(first, vocab_size - 1)  # a NaN row matches nothing

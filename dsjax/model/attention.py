@@ -46,9 +46,9 @@ class Attention(nnx.Module):
         returns the output and the updated buffers.
         """
         q, k, v = self._qkv(x, cos, sin)
+        out = decode_attention(q, k_cache, v_cache, lengths, k[:, 0], v[:, 0])
         k_cache = KVCache.write(k_cache, k[:, 0], lengths)
         v_cache = KVCache.write(v_cache, v[:, 0], lengths)
-        out = decode_attention(q, k_cache, v_cache, lengths)
         return project(out, self.o_proj[...], 2), k_cache, v_cache
 
     def _qkv(self, x, cos, sin):

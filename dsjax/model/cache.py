@@ -56,19 +56,27 @@ def abstract_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
     return KVCache((leaf,) * cfg.n_layers, (leaf,) * cfg.n_layers)
 
 
-def decode_attention(q, k_cache, v_cache, lengths) -> jax.Array:
-    """Attention of one query per row over its cached keys 0..lengths[b] (the new token's key already written).
+def decode_attention(q, k_cache, v_cache, lengths, k_new, v_new) -> jax.Array:
+    """Attention of one query per row over its cached keys 0..lengths[b]-1 and its own new key/value.
 
-    q: (batch, 1, heads, head_dim); k_cache/v_cache: (batch, kv_heads, max_len, head_dim) of one layer. Queries are
-    grouped (kv_heads, group) against the shared K/V head, scores and softmax in float32, as in the `xla` reference
-    backend.
+    q: (batch, 1, heads, head_dim); k_cache/v_cache: (batch, kv_heads, max_len, head_dim) of one layer, not yet
+    holding the new token; k_new/v_new: (batch, kv_heads, head_dim). The new token is scored apart so the buffers are
+    only read here and written afterwards: read after the write, XLA:CPU duplicated the write into each reader and
+    copied every layer's buffers several times per step. Queries are grouped (kv_heads, group) against the shared
+    K/V head; scores and softmax in float32, as in the `xla` reference backend.
     """
     batch, _, heads, head_dim = q.shape
     kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
     q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache, preferred_element_type=jnp.float32) * (head_dim**-0.5)
-    valid = jnp.arange(max_len)[None, :] <= lengths[:, None]
-    scores = jnp.where(valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    f32 = jnp.float32
+    scale = head_dim**-0.5
+    scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache, preferred_element_type=f32) * scale
+    valid = jnp.arange(max_len)[None, :] < lengths[:, None]
+    scores = jnp.where(valid[:, None, None, :], scores, jnp.finfo(f32).min)
+    own = jnp.einsum("bkgd,bkd->bkg", q, k_new, preferred_element_type=f32)[..., None] * scale
+    top = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), own)
+    weights, own_weight = jnp.exp(scores - top), jnp.exp(own - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True) + own_weight
+    out = jnp.einsum("bkgt,bktd->bkgd", weights.astype(v_cache.dtype), v_cache, preferred_element_type=f32)
+    out = (out + own_weight * v_new[:, :, None, :].astype(f32)) / total
     return out.reshape(batch, 1, heads, head_dim).astype(q.dtype)
