@@ -63,8 +63,9 @@ def median_seconds(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def matmul_floor(model, batch: int, runs: int, steps: int = 16) -> float:
-    """Tokens/s of the decode step's matrix products alone: batch rows through every layer's weights and the head."""
+def floor_program(model, batch: int, steps: int = 16):
+    """(jitted fn, x, weights): `steps` rounds of the decode step's matrix products (every layer's weights and the
+    head) on `batch` rows, in a device loop like the decoder's."""
     weights = [w for layer in unstack_layers(model) for w in jax.tree.leaves(nnx.to_pure_dict(layer)) if w.ndim >= 2]
     weights.append(model.lm_head[...])
     # o_proj (heads, head_dim, d_model) takes two input axes; every other weight one.
@@ -77,11 +78,17 @@ def matmul_floor(model, batch: int, runs: int, steps: int = 16) -> float:
             total = carry
             for w, n_in in zip(weights, n_ins):
                 rows = (x[:, : math.prod(w.shape[:n_in])] + carry).reshape((batch,) + w.shape[:n_in])
-                total = total + project(rows, w, n_in).sum() * 1e-12
+                total = total + project(rows, w, n_in).sum() * 1e-12  # every output summed: nothing sliced away
             return total
         return jax.lax.fori_loop(0, steps, step, jnp.float32(0))
 
     x = jnp.asarray(np.random.RandomState(0).randn(batch, width), jnp.float32)
+    return products, x, weights
+
+
+def matmul_floor(model, batch: int, runs: int, steps: int = 16) -> float:
+    """Tokens/s of the decode step's matrix products alone (`floor_program`)."""
+    products, x, weights = floor_program(model, batch, steps)
     seconds = median_seconds(lambda: products(x, weights).block_until_ready(), runs)
     return batch * steps / seconds
 

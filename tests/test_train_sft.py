@@ -97,9 +97,14 @@ def test_imported_hf_model_fine_tunes_the_same_on_a_mesh(chat_data, tmp_path):
         assert len(a) == len(b) > 0
         np.testing.assert_allclose(b, a, rtol=1e-5)
     # As in test_train_sharding.py: after 3 Adam steps at lr 1e-2, reduction-order differences of near-zero
-    # gradients show at a few 1e-5..1e-4; a sharding bug moves parameters by a whole step (~1e-2).
+    # gradients show at a few 1e-5..1e-4; a sharding bug moves parameters by a whole step (~1e-2), and moves most of
+    # them. Adam normalizes each gradient, so the odd embedding row whose near-zero gradient flips sign between the
+    # two reduction orders moves by part of a step (0.0016 for 1 of 32768 entries on an AMX CPU, 2026-12-06).
     for a, b in zip(ref_params, params):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-4, rtol=1e-4)
+        a, b = np.asarray(a), np.asarray(b)
+        close = np.isclose(b, a, atol=3e-4, rtol=1e-4)
+        assert close.mean() >= 0.999, f"{(~close).sum()} of {close.size} entries differ"
+        assert np.abs(b - a).max() < 1e-2  # less than one step anywhere
     # Greedy exact match and repetition ratio, before (step 0) and after (the end): logged under their names.
     steps = [r["step"] for r in ref_records if "exact_match" in r]
     assert steps == [0, 3] and all("repetition_ratio" in r for r in ref_records if "exact_match" in r)
