@@ -41,6 +41,7 @@ from dsjax.interop.hf import load_model
 from dsjax.model.linear import project
 from dsjax.model.transformer import unstack_layers
 
+CONTEXT = 1024  # the benchmark models' max_position_embeddings
 SHAPES = {
     # configs/tiny.py's model
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
@@ -94,7 +95,7 @@ def matmul_floor(model, batch: int, runs: int, steps: int = 16) -> float:
 
 
 def bench_shape(name, batches, prompt_len, new_tokens, runs):
-    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    cfg = LlamaConfig(**SHAPES[name], max_position_embeddings=CONTEXT, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       initializer_range=0.02)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
@@ -138,6 +139,12 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--new_tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.runs < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+        parser.error("--runs and --prompt_len must be at least 1 and --new_tokens at least 2 (decode is timed "
+                     "after the first token).")
+    if args.prompt_len + args.new_tokens > CONTEXT:
+        parser.error(f"--prompt_len + --new_tokens = {args.prompt_len + args.new_tokens} is beyond the benchmark "
+                     f"models' context of {CONTEXT} tokens.")
     if args.smoke:
         settings = [("smoke", (1, 4), 8, 8)]
         args.runs = 1
@@ -160,4 +167,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; no table printed.", file=sys.stderr)
+        sys.exit(130)

@@ -5,11 +5,11 @@
     python3 experiments/bench_matmul_cpu.py --smoke    # a very small run that only checks the script works
 
 Rows are tokens: 1 and 16 are decode steps (experiments/bench_generate.py), 4096 the 8 x 512 batch of
-experiments/bench_train_cpu.py. Each (rows, in, out) product is x (rows, in) @ w (in, out) repeated over `--weights`
-distinct weight matrices (so a decode-sized product streams its weights from memory, as in a model, instead of
-finding them in cache), timed as the median of `--runs`. Each side runs in its own process (two runtimes' idle
-threads in one process slow each other), XLA jitted with the installed jax's defaults, torch with all cores.
-GB/s counts the weight bytes read once per product. float32 unless `--dtype`.
+experiments/bench_train_cpu.py. Each (rows, in, out) product is x (rows, in) @ w (in, out). Decode-sized products
+run over distinct weight matrices, `--weights_mb` of them in all, so they stream their weights from memory as in a
+model instead of finding them in cache. Times are the median of `--runs`. Each side runs in its own process (two
+runtimes' idle threads in one process slow each other), XLA jitted with the installed jax's defaults, torch with all
+cores. GB/s counts the weight bytes read once per product. float32 unless `--dtype`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--side", choices=("xla", "torch"), help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args()
+    if args.runs < 1 or args.weights_mb < 1:
+        parser.error("--runs and --weights_mb must be at least 1.")
     shapes = SMOKE if args.smoke else SHAPES
     runs, budget = (1, 1) if args.smoke else (args.runs, args.weights_mb)
     if args.side:
@@ -89,7 +91,8 @@ def main() -> None:
                f"--weights_mb={budget}", f"--dtype={args.dtype}"] + (["--smoke"] if args.smoke else [])
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            sys.exit(f"the {side} worker failed: {result.stderr.strip().splitlines()[-1:]}")
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            sys.exit(f"the {side} worker failed (exit {result.returncode}): {last}")
         seconds[side] = json.loads(result.stdout.strip().splitlines()[-1])
     import jax
     import torch
@@ -106,4 +109,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; no table printed.", file=sys.stderr)
+        sys.exit(130)
