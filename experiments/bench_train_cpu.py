@@ -3,10 +3,12 @@
     python3 experiments/bench_train_cpu.py                     # tiny, 16m, 125m; train and forward
     python3 experiments/bench_train_cpu.py --shapes=16m --repeats=5 --no-compile
     python3 experiments/bench_train_cpu.py --attention=xla     # dsjax with another attention backend
+    python3 experiments/bench_train_cpu.py --layer_loop=scan   # dsjax's layers in a scan (auto unrolls on CPU)
     python3 experiments/bench_train_cpu.py --smoke             # a very small run that only checks the script works
 
 Both sides run the same shape in float32 on the same random tokens: dsjax's jitted train step (the trainer's own
-`make_train_step`, next-token loss, AdamW with clipping, `model.attention=auto` unless `--attention`) and a torch step (forward, the mean
+`make_train_step`, next-token loss, AdamW with clipping, `model.attention` and `model.layer_loop` auto unless
+`--attention`, `--layer_loop`) and a torch step (forward, the mean
 cross-entropy, backward, clipping, AdamW). Forward is the logits of one batch (no gradient). Each side is warmed up
 (compile), then timed over `--steps` steps (median). Each side runs in its own process (in one process the two
 runtimes' idle worker threads spin and slow each other 2-4x), the processes interleaved in `--repeats` rounds, and
@@ -52,8 +54,9 @@ SHAPES = {
 }
 
 
-def dsjax_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, attention: str):
-    cfg = ModelConfig(**shape, max_seq_len=seq, dtype="float32", attention=attention, init_std=0.02)
+def dsjax_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, attention: str, layer_loop: str = "auto"):
+    cfg = ModelConfig(**shape, max_seq_len=seq, dtype="float32", attention=attention, layer_loop=layer_loop,
+                      init_std=0.02)
     model = init_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
     optim = load_config("tiny").optim
@@ -111,12 +114,12 @@ def torch_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, compiled: 
     return train, forward
 
 
-def worker(side: str, name: str, steps: int, attention: str) -> None:
+def worker(side: str, name: str, steps: int, attention: str, layer_loop: str) -> None:
     """Runs one side on one shape in this process and prints its median train and forward step times as JSON."""
     shape, batch, seq = SHAPES[name]
     tokens = np.random.RandomState(0).randint(0, shape["vocab_size"], (batch, seq + 1)).astype(np.int32)
-    fns = dsjax_side(shape, batch, seq, tokens, attention) if side == "dsjax" else torch_side(shape, batch, seq, tokens,
-                                                                                  compiled=side == "compile")
+    fns = (dsjax_side(shape, batch, seq, tokens, attention, layer_loop) if side == "dsjax"
+           else torch_side(shape, batch, seq, tokens, compiled=side == "compile"))
     out = {}
     for kind, fn in zip(("train", "forward"), fns):
         fn()
@@ -130,9 +133,9 @@ def worker(side: str, name: str, steps: int, attention: str) -> None:
     print(json.dumps(out))
 
 
-def run_worker(side: str, name: str, steps: int, attention: str) -> dict:
+def run_worker(side: str, name: str, steps: int, attention: str, layer_loop: str) -> dict:
     done = subprocess.run([sys.executable, __file__, f"--worker={side}", f"--shapes={name}", f"--steps={steps}",
-                           f"--attention={attention}"],
+                           f"--attention={attention}", f"--layer_loop={layer_loop}"],
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     if done.returncode != 0:
         raise SystemExit(f"{side} on {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -147,11 +150,13 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked"),
                         help="dsjax's model.attention (auto: blocked on CPU)")
+    parser.add_argument("--layer_loop", default="auto", choices=("auto", "scan", "unrolled"),
+                        help="dsjax's model.layer_loop (auto: unrolled on CPU)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.shapes, args.steps, args.attention)
+        return worker(args.worker, args.shapes, args.steps, args.attention, args.layer_loop)
     names = ["smoke"] if args.smoke else args.shapes.split(",")
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
@@ -160,14 +165,14 @@ def main() -> None:
     sides = ["dsjax", "eager"] + (["compile"] if args.compile else [])
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} cores, jax {jax.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32, dsjax attention "
-          f"{args.attention}; load average "
+          f"{args.attention}, layer_loop {args.layer_loop}; load average "
           f"{os.getloadavg()[0]:.2f}")
     print("| shape (batch x seq) | step | dsjax tokens/s | torch eager tokens/s | dsjax / eager |"
           + (" torch.compile tokens/s | dsjax / compile |" if args.compile else ""))
     print("|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for name in names:
         shape, batch, seq = SHAPES[name]
-        rounds = [{side: run_worker(side, name, steps, args.attention) for side in sides} for _ in range(repeats)]
+        rounds = [{side: run_worker(side, name, steps, args.attention, args.layer_loop) for side in sides} for _ in range(repeats)]
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(init_model(ModelConfig(**shape)), nnx.Param)))
         for kind in ("train", "forward"):
             rate = lambda side: statistics.median(batch * seq / r[side][kind] for r in rounds)

@@ -141,9 +141,31 @@ def _count_dots(cfg):
 
 
 def test_depth_is_scanned_not_unrolled():
-    """The 95-layer 67B lowers to the same program size as a 2-layer model of the same width."""
-    cfg = model_config(load_config("67b"))
+    """The 95-layer 67B lowers to the same program size as a 2-layer model of the same width (layer_loop=scan,
+    what auto picks on GPU/TPU); unrolled, each layer adds its own products."""
+    cfg = model_config(load_config("67b")).replace(layer_loop="scan")
     assert _count_dots(cfg) == _count_dots(cfg.replace(n_layers=2))
+    unrolled = [_count_dots(cfg.replace(layer_loop="unrolled", n_layers=n)) for n in (1, 2, 3)]
+    assert unrolled[2] - unrolled[1] == unrolled[1] - unrolled[0] > 0
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(remat):
+    """auto unrolls on this CPU: no while loop in the program, and logits and gradients equal the scan's."""
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 203, (2, 12)))
+
+    def run(cfg):
+        graphdef, state = nnx.split(init_model(cfg, seed=3))
+        loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)
+        program = jax.jit(jax.grad(loss)).lower(state).as_text()
+        return jax.value_and_grad(loss)(state), "while" in program
+
+    (ref_loss, ref), ref_loops = run(SMALL.replace(remat=remat, layer_loop="scan"))
+    (loss, got), loops = run(SMALL.replace(remat=remat))
+    assert jax.default_backend() == "cpu" and SMALL.layer_loop == "auto" and ref_loops and not loops
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_every_parameter_has_logical_axes():
@@ -195,6 +217,7 @@ def test_bf16_compute_keeps_float32_logits_and_params():
         (dict(vocab_size=-3), "model.vocab_size must be a positive integer"),
         (dict(attention="flash"), "model.attention='flash' is not one of"),
         (dict(remat="some"), "model.remat='some' is not one of"),
+        (dict(layer_loop="loop"), "model.layer_loop='loop' is not one of"),
     ],
 )
 def test_config_errors_name_the_field(changes, field):

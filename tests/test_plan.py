@@ -58,7 +58,7 @@ def test_plan_flops_match_the_hand_formula(tiny_plan):
     per_token = 6 * matmul_params + 12 * 4 * 4 * 32 * 128
     assert per_token == 8_650_752
     assert result.record["flops_per_step"] == per_token * 32 * 128
-    check = result.record["xla_flops_check"]  # XLA counts each scan body once; elementwise work adds a little
+    check = result.record["xla_flops_check"]  # XLA counts a scan body once; elementwise work adds a little
     assert 0.95 < check["ratio"] < 1.2
 
 

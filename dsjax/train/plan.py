@@ -73,6 +73,8 @@ def plan_config(config, target: Target):
         config.model.dtype = "bfloat16"
     if target.platform in ("gpu", "tpu") and config.model.attention == "auto":
         config.model.attention = "xla"
+    if target.platform in ("gpu", "tpu") and config.model.layer_loop == "auto":
+        config.model.layer_loop = "scan"  # the target's auto; this host's would unroll
     validate_train(config)
     return config
 
@@ -208,8 +210,10 @@ def compile_plan(config, target: Target, devices: list, *, mfu: float = DEFAULT_
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla = float(cost["flops"]) if cost and "flops" in cost else None
         micro_tokens = tokens // accum
-        once = micro_tokens * (6 * model_cfg.d_model * model_cfg.vocab_size + _layer_flops_per_token(model_cfg, seq_len)
-                               + recompute_flops_per_token(model_cfg, seq_len) / model_cfg.n_layers)
+        layers = 1 if model_cfg.scan_layers else model_cfg.n_layers  # XLA counts a scan body once
+        once = micro_tokens * (6 * model_cfg.d_model * model_cfg.vocab_size
+                               + layers * (_layer_flops_per_token(model_cfg, seq_len)
+                                           + recompute_flops_per_token(model_cfg, seq_len) / model_cfg.n_layers))
         record["xla_flops_check"] = None if xla is None else {
             "xla_flops_all_devices": xla * len(devices), "formula_flops_same_count": once,
             "ratio": xla * len(devices) / once}
@@ -263,7 +267,7 @@ def report(record: dict) -> str:
                     if record["hardware_flops_per_step"] != record["flops_per_step"] else ""))
     check = record.get("xla_flops_check")
     if check:
-        lines.append(f"  XLA cost analysis, each scan body once (one layer, one micro-batch): "
+        lines.append(f"  XLA cost analysis, a scan body once (one layer if scanned; one micro-batch): "
                      f"{check['xla_flops_all_devices']:.4g} FLOPs over all devices vs {check['formula_flops_same_count']:.4g}"
                      f" from our formula for the same (ratio {check['ratio']:.3f})")
     if record.get("predicted_step_s"):
