@@ -39,8 +39,8 @@ class ModelConfig:
     # Rematerialization of each layer in the backward pass: none, full, or save_dots (keep matmul outputs).
     remat: str = "none"
     # How the training forward runs the layers: scan (one compiled layer body, compile time flat in depth), unrolled
-    # (a Python loop: no stacking of each layer's saved activations; 5-14% faster CPU train steps), or auto
-    # (unrolled on CPU, scan on GPU/TPU).
+    # (a Python loop: no stacking of each layer's saved activations; 5-10% faster 16M-125M train steps on CPU,
+    # experiments/results/bench_train_cpu.md), or auto (unrolled on CPU, scan on GPU/TPU).
     layer_loop: str = "auto"
     # Training losses run the output head and cross-entropy over chunks of this many sequence positions, so the
     # (batch, seq, vocab) float32 logits never exist at once (dsjax/train/loss.py); 0: the whole sequence at once.

@@ -62,7 +62,7 @@ class Transformer(nnx.Module):
             x, _ = jax.lax.scan(layer, x, stacked)
         else:
             # The scan's backward writes each layer's saved activations into stacked (layers, ...) buffers and
-            # slices them out again; on XLA:CPU that was 5-7% of the train step (issue 17, README "CPU speed").
+            # slices them out again; on XLA:CPU that cost 5-10% of the 16M-125M train steps (README "CPU speed").
             for i in range(cfg.n_layers):
                 x, _ = layer(x, jax.tree.map(lambda a, i=i: a[i], stacked))
         return self.final_norm(x)
