@@ -14,6 +14,9 @@ cross-entropy, backward, clipping, AdamW). Forward is the logits of one batch (n
 runtimes' idle worker threads spin and slow each other 2-4x), the processes interleaved in `--repeats` rounds, and
 a ratio is the median of the per-round ratios (tokens/s dsjax / tokens/s torch), so slow background load hits both
 sides of a round alike. The load average is printed before and after; compare numbers only from a quiet machine.
+"cores used" is each side's process CPU time over the wall time of its timed steps, the lowest of the rounds: on a
+virtual machine whose host takes cores away for a while it drops well below the core count, and such a round's
+numbers say nothing about either side.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def dsjax_side(shape: dict, batch: int, seq: int, tokens: np.ndarray, attention:
     def forward():
         jax.block_until_ready(forward_fn(holder[0]["params"], data["tokens"]))
 
+    # The optimized HLO of each step, for experiments/profile_step_cpu.py (compiles again).
+    train.hlo = lambda: step.lower(holder[0], data).compile().as_text()
+    forward.hlo = lambda: forward_fn.lower(holder[0]["params"], data["tokens"]).compile().as_text()
     return train, forward
 
 
@@ -125,11 +131,13 @@ def worker(side: str, name: str, steps: int, attention: str, layer_loop: str) ->
         fn()
         fn()  # warm up: compile, allocator caches
         times = []
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
         for _ in range(steps):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
         out[kind] = statistics.median(times)
+        out[f"{kind}_cores"] = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     print(json.dumps(out))
 
 
@@ -167,18 +175,20 @@ def main() -> None:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), float32, dsjax attention "
           f"{args.attention}, layer_loop {args.layer_loop}; load average "
           f"{os.getloadavg()[0]:.2f}")
-    print("| shape (batch x seq) | step | dsjax tokens/s | torch eager tokens/s | dsjax / eager |"
-          + (" torch.compile tokens/s | dsjax / compile |" if args.compile else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
+    print("| shape (batch x seq) | step | dsjax tokens/s | torch eager tokens/s | dsjax / eager | cores used, dsjax "
+          "/ eager |" + (" torch.compile tokens/s | dsjax / compile |" if args.compile else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.compile else ""))
     for name in names:
         shape, batch, seq = SHAPES[name]
-        rounds = [{side: run_worker(side, name, steps, args.attention, args.layer_loop) for side in sides} for _ in range(repeats)]
+        rounds = [{side: run_worker(side, name, steps, args.attention, args.layer_loop) for side in sides}
+                  for _ in range(repeats)]
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(init_model(ModelConfig(**shape)), nnx.Param)))
         for kind in ("train", "forward"):
             rate = lambda side: statistics.median(batch * seq / r[side][kind] for r in rounds)
             ratio = lambda side: statistics.median(r[side][kind] / r["dsjax"][kind] for r in rounds)
+            cores = lambda side: min(r[side][f"{kind}_cores"] for r in rounds)
             row = (f"| {name}, {n_params / 1e6:.1f}M ({batch} x {seq}) | {kind} | {rate('dsjax'):.0f} | "
-                   f"{rate('eager'):.0f} | {ratio('eager'):.2f}x |")
+                   f"{rate('eager'):.0f} | {ratio('eager'):.2f}x | {cores('dsjax'):.2f} / {cores('eager'):.2f} |")
             if args.compile:
                 row += f" {rate('compile'):.0f} | {ratio('compile'):.2f}x |"
             print(row, flush=True)

@@ -1,5 +1,5 @@
-"""experiments/bench_generate.py and bench_matmul_cpu.py stay runnable, and the decode "matmul floor" does the work
-it claims: every weight of the step multiplied in full, nothing sliced or hoisted away by XLA."""
+"""experiments/bench_generate.py, bench_matmul_cpu.py and bench_train_cpu.py stay runnable, and the decode "matmul
+floor" does the work it claims: every weight of the step multiplied in full, nothing sliced or hoisted away by XLA."""
 
 from __future__ import annotations
 
@@ -62,3 +62,26 @@ def test_bench_matmul_smoke_prints_its_table():
                          text=True, check=True).stdout
     assert re.search(r"^\| 1 x 32 x 64 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+ \|$", out, re.MULTILINE), out
     assert re.search(r"^\| 16 x 64 x 32 \|", out, re.MULTILINE), out
+
+
+@pytest.mark.slow  # ~30 s: one dsjax and one torch worker process
+def test_bench_train_smoke_prints_rates_ratios_and_cores_used():
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "bench_train_cpu.py"), "--smoke", "--no-compile"],
+                         capture_output=True, text=True, check=True).stdout
+    row = r"^\| smoke, [\d.]+M \(2 x 32\) \| (train|forward) \| \d+ \| \d+ \| [\d.]+x \| ([\d.]+) / ([\d.]+) \|$"
+    rows = re.findall(row, out, re.MULTILINE)
+    assert [kind for kind, *_ in rows] == ["train", "forward"], out
+    # Both sides used some CPU. (No upper bound: a smoke step lasts under a millisecond, shorter than the kernel's
+    # accounting of other threads' CPU time is exact for, and torch's forward reads as 2.3 of 2 cores.)
+    assert all(float(c) > 0 for _, *cores in rows for c in cores), out
+
+
+@pytest.mark.slow  # ~25 s: two traced smoke steps
+@pytest.mark.parametrize("step,products", [("train", 2 * 7 * 3 + 3), ("forward", 2 * 7 + 1)])
+def test_profile_step_finds_every_projection_product(step, products):
+    """The smoke model has 2 layers of 7 projections and an output head; training multiplies each 3 times (forward,
+    the two gradients). Every one of them must be found in the trace through the optimized HLO."""
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / "profile_step_cpu.py"), "--smoke", f"--step={step}"],
+                         capture_output=True, text=True, check=True).stdout
+    row = re.search(r"^\| products: projections, head \| [\d.]+ \| [\d.]+% \| (\d+) \|$", out, re.MULTILINE)
+    assert row and int(row.group(1)) == products, out
