@@ -19,6 +19,7 @@ import argparse
 import collections
 import gzip
 import json
+import os
 import re
 import sys
 import tempfile
@@ -67,6 +68,8 @@ def op_kinds(trace_file: Path, products: dict[str, str]):
     """(op time by kind in s, op count by kind, the step's wall time in s, the time at least one op ran in s)."""
     events = json.load(gzip.open(trace_file))["traceEvents"]
     ops = [e for e in events if e.get("ph") == "X" and "dur" in e and not RUNTIME.search(e["name"])]
+    if not ops:
+        raise SystemExit(f"{trace_file.name} holds no XLA op events: the profiler traced nothing of the step.")
     execute = [e["dur"] for e in events if e.get("ph") == "X" and e["name"].startswith("ThunkExecutor::Execute (wait")]
     wall = max(execute) if execute else max(e["ts"] + e["dur"] for e in ops) - min(e["ts"] for e in ops)
     seconds, counts = collections.Counter(), collections.Counter()
@@ -107,7 +110,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder, create_perfetto_trace=True):
             run()
-        trace_file = next(Path(folder).rglob("*.trace.json.gz"))
+        trace_file = next(Path(folder).rglob("*.trace.json.gz"), None)
+        if trace_file is None:
+            raise SystemExit(f"jax.profiler wrote no *.trace.json.gz under {folder}: this jax "
+                             f"({jax.__version__}) cannot make the Perfetto trace the script reads.")
         seconds, counts, wall, busy = op_kinds(trace_file, product_kinds(run.hlo()))
     total = sum(seconds.values())
     print(f"# {name} ({batch} x {seq}), {args.step} step, jax {jax.__version__}: {untraced:.2f} s untraced, "
@@ -131,5 +137,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("interrupted: nothing was measured.", file=sys.stderr)
-        sys.exit(130)
+        print("interrupted: nothing was measured.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # not sys.exit: XLA's threads may still be mid-step, and interpreter shutdown then crashes

@@ -71,8 +71,8 @@ def test_bench_train_smoke_prints_rates_ratios_and_cores_used():
     row = r"^\| smoke, [\d.]+M \(2 x 32\) \| (train|forward) \| \d+ \| \d+ \| [\d.]+x \| ([\d.]+) / ([\d.]+) \|$"
     rows = re.findall(row, out, re.MULTILINE)
     assert [kind for kind, *_ in rows] == ["train", "forward"], out
-    # Both sides used some CPU. (No upper bound: a smoke step lasts under a millisecond, shorter than the kernel's
-    # accounting of other threads' CPU time is exact for, and torch's forward reads as 2.3 of 2 cores.)
+    # Both sides used some CPU. (No upper bound: over a smoke step of under a millisecond the measure is not bounded
+    # by the core count; torch's forward read as 2.3 of 2 cores here.)
     assert all(float(c) > 0 for _, *cores in rows for c in cores), out
 
 
